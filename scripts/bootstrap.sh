@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates (or reuses) .venv with the project's one pinned, tested set of versions.
+# Idempotent: a second run only checks that everything is importable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import distill_engine, data_shards, deepspeed, timm, webdataset" 2>/dev/null \
+   && [ "$("$VENV/bin/python" -c 'import deepspeed; print(deepspeed.__version__)')" = "0.19.8" ]; then
+  echo "bootstrap: $VENV is ready"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+$PIP install --upgrade pip setuptools wheel ninja
+# torch first: deepspeed builds its shared-memory all-reduce op against it.
+$PIP install -r requirements/torch.txt
+# Build deepspeed's shm op at install time so that no rank JIT-compiles it at start-up.
+DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0}" \
+  $PIP install --no-build-isolation -r requirements/deepspeed.txt
+$PIP install -e ".[dev]"
+echo "bootstrap: $VENV is ready"
