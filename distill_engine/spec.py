@@ -1,0 +1,204 @@
+"""The job spec: YAML, validated by pydantic before anything expensive starts.
+
+A job is a list of stages. The sections ``data``, ``optimisation``, ``deepspeed``,
+``checkpointing`` and ``logging`` given at the top level are defaults that every stage
+inherits; a stage overrides any part of them (deep merge), so a fine-tuning stage states
+only what differs. A stage may take an earlier stage's exported student as its teacher
+(``teacher: {arch: "stage:NAME"}``) or as its initialisation (``student: {init: "stage:NAME"}``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from data_shards import ViewsConfig
+
+from .objectives import OBJECTIVES
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------- models
+
+ARCH_HELP = "'timm:NAME' (a timm model), 'hf:DIR' (a local Hugging Face directory) or 'stage:NAME'"
+
+
+def _check_arch(arch: str) -> str:
+    family, sep, name = arch.partition(":")
+    if not sep or family not in ("timm", "hf", "stage") or not name:
+        raise ValueError(f"{arch!r} is not an architecture; use {ARCH_HELP}")
+    return arch
+
+
+class TeacherSpec(Strict):
+    arch: str = Field(description=ARCH_HELP)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="timm/transformers kwargs")
+    weights: Path | None = Field(None, description="local .safetensors or torch state dict")
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+
+    _arch = field_validator("arch")(_check_arch)
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.arch.startswith("stage:") and (self.weights or self.kwargs):
+            raise ValueError("a teacher taken from an earlier stage gets its kwargs and "
+                             "weights from that stage's export; remove 'weights' and 'kwargs'")
+        return self
+
+
+class StudentSpec(Strict):
+    arch: str = Field(description=ARCH_HELP + "; 'stage:NAME' reuses that stage's student architecture")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: str = Field("scratch", description="'scratch', a weights file, or 'stage:NAME'")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_checkpointing: bool = Field(False, description="activation checkpointing (timm models)")
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    freeze_unused: bool = Field(True, description="freeze parameters that no objective reaches")
+
+    _arch = field_validator("arch")(_check_arch)
+
+    @property
+    def init_stage(self) -> str | None:
+        return self.init.split(":", 1)[1] if self.init.startswith("stage:") else None
+
+
+# ---------------------------------------------------------------------------- data
+
+class DataSpec(Strict):
+    train: str | list[str] = Field(description="shard directory, index file, brace pattern or urls")
+    eval: str | list[str] | None = Field(None, description="held-out shards for accuracy")
+    micro_batch_size: int = Field(ge=1, description="samples per rank per forward")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="micro_batch_size x ranks x accumulation; checked against the world size")
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    samples_per_epoch: int | None = Field(None, ge=1)
+    max_bad_samples: int = Field(100, ge=0)
+    allow_pipe: bool = Field(False, description="permit 'pipe:' shard urls (runs a shell command)")
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+
+
+# ---------------------------------------------------------------------------- optimisation
+
+class OptimisationSpec(Strict):
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(gt=0.0, description="peak learning rate (after lr_base_batch scaling)")
+    lr_base_batch: int | None = Field(
+        None, ge=1, description="if set, lr is scaled by global_batch / lr_base_batch (the papers' rule)")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    steps: int | None = Field(None, ge=1, description="optimizer steps in this stage")
+    epochs: float | None = Field(None, gt=0.0, description="alternative to steps")
+    grad_clip: float | None = Field(None, gt=0.0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        return self
+
+
+# ---------------------------------------------------------------------------- runtime
+
+class DeepSpeedSpec(Strict):
+    teacher_config: Path = Path("ds_configs/teacher_zero3_inference.json")
+    student_config: Path = Path("ds_configs/student_zero3.json")
+    teacher_overrides: dict[str, Any] = Field(default_factory=dict)
+    student_overrides: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: int = Field(600, ge=10, description="collective timeout: a dead rank ends the job")
+
+
+class CheckpointSpec(Strict):
+    every_steps: int = Field(100, ge=1)
+    keep: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    resume: bool = Field(True, description="resume from the newest complete checkpoint")
+
+
+class LoggingSpec(Strict):
+    every_steps: int = Field(10, ge=1)
+    plot: bool = Field(True, description="write a loss-curve PNG per stage")
+
+
+class EvalSpec(Strict):
+    at_end: bool = True
+    batch_size: int = Field(64, ge=1)
+
+
+def _objective_union():
+    configs = tuple(cls.Config for cls in OBJECTIVES.values())
+    return Annotated[Union[configs], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+ObjectiveSpec = _objective_union()
+
+
+class StageSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    teacher: TeacherSpec | None = None
+    student: StudentSpec
+    objectives: list[ObjectiveSpec] = Field(min_length=1)  # type: ignore[valid-type]
+    data: DataSpec
+    optimisation: OptimisationSpec
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    eval: EvalSpec | None = None
+
+    @model_validator(mode="after")
+    def _teacher_when_needed(self):
+        needing = [o.label for o in self.objectives if o.needs_teacher]
+        if needing and self.teacher is None:
+            raise ValueError(f"objectives {needing} need a teacher; add a 'teacher' section")
+        return self
+
+
+class JobHeader(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: Path = Field(description="everything the job writes goes under here")
+    seed: int = 0
+    stages: list[Any] = Field(min_length=1, description="validated one by one as StageSpec")
+
+
+class JobSpec(JobHeader):
+    stages: list[StageSpec] = Field(min_length=1)
+
+
+# Sections given once at the top level and inherited (deep-merged) by every stage.
+STAGE_DEFAULTS = ("data", "optimisation", "deepspeed", "checkpointing", "logging", "eval")
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(override)
+
+
+def with_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Moves the top-level default sections into every stage (stage values win)."""
+    raw = dict(raw)
+    defaults = {key: raw.pop(key) for key in STAGE_DEFAULTS if key in raw}
+    stages = raw.get("stages")
+    if isinstance(stages, list):
+        raw["stages"] = [
+            {**{k: deep_merge(v, stage[k]) if k in stage else copy.deepcopy(v)
+                for k, v in defaults.items()},
+             **{k: v for k, v in stage.items() if k not in defaults}}
+            if isinstance(stage, dict) else stage
+            for stage in stages]
+    return raw

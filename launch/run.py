@@ -1,0 +1,79 @@
+"""Entry point: ``deepspeed [--num_gpus N | --hostfile H] launch/run.py --spec JOB.yaml``.
+
+Also ``python launch/run.py --spec JOB.yaml`` for one process, ``--check`` to validate and
+print the resolved plan without training. Exit codes: 0 done, 2 bad spec, 1 a failure
+while running (bad weights, bad data, non-finite loss), each with a one-paragraph message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Say it ourselves rather than let DeepSpeed warn on every rank that it found no GPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, required=True, help="the job spec (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set stages.0.optimisation.lr=1e-3")
+    parser.add_argument("--check", action="store_true", help="validate and print the plan")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to check batch arithmetic against (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by some launchers
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    is_first_rank = os.environ.get("RANK", "0") == "0"
+
+    from distill_engine.plan import SpecError, load_plan
+    try:
+        job = load_plan(args.spec, args.set, world_size)
+    except SpecError as err:
+        if is_first_rank:
+            print(err, file=sys.stderr)
+        return 2
+    if args.check:
+        from distill_engine.report import print_plan
+        print_plan(job)
+        return 0
+    return train(job)
+
+
+def train(job) -> int:
+    import deepspeed
+    import torch.distributed as dist
+    from data_shards import DataError
+    from distill_engine.models import WeightsError
+    from distill_engine.progress import console, setup_logging, summary_table
+    from distill_engine.trainer import NonFiniteLoss, run_job
+
+    timeout = datetime.timedelta(seconds=min(s.deepspeed.timeout_s for s in job.spec.stages))
+    deepspeed.init_distributed(timeout=timeout)
+    rank = dist.get_rank()
+    setup_logging(rank)
+    try:
+        rows = run_job(job)
+    except (WeightsError, DataError, NonFiniteLoss) as err:
+        console.print(f"[red]error on rank {rank}:[/red] {err}", highlight=False)
+        return 1
+    if rank == 0:
+        console.print(summary_table(rows))
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared helpers for the tests: running the real entry point, on 1 or 2 DeepSpeed ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    environment = dict(os.environ)
+    environment.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    environment["DS_ACCELERATOR"] = "cpu"
+    environment["PYTHONUNBUFFERED"] = "1"
+    environment["OMP_NUM_THREADS"] = "1"
+    return environment
+
+
+def run_check(spec: Path, *extra: str, world_size: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--spec", str(spec),
+                           "--check", "--world-size", str(world_size), *extra],
+                          capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
+
+
+def run_deepspeed(spec: Path, *extra: str, ranks: int = 2, timeout: int = 600,
+                  script: Path | None = None) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N launch/run.py --spec SPEC``: real ranks, gloo, CPU."""
+    port = free_port()
+    script = script or ROOT / "launch" / "run.py"
+    args = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+            str(script), "--spec", str(spec), *extra]
+    try:
+        return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env(),
+                              timeout=timeout)
+    finally:
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
