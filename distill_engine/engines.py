@@ -1,0 +1,193 @@
+"""The two DeepSpeed engines: a frozen, sharded teacher and a trainable student.
+
+ZeRO-3 gathers a parameter only inside the forward of the module that owns it, so each
+model is wrapped in a root module whose ``forward`` does everything (taps, objective heads,
+losses); nothing calls into a partitioned model from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import models
+from .objectives import Objective, build_objective
+from .plan import StagePlan
+from .spec import deep_merge
+from .taps import OUTPUT, Taps
+
+log = logging.getLogger("distill_engine")
+
+
+def accelerator_has_bf16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+    try:
+        return bool(get_accelerator().is_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_dtype(choice: str) -> torch.dtype:
+    if choice == "bf16" or (choice == "auto" and accelerator_has_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def ds_config(path, overrides: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The JSON file, our computed fields over it, the user's overrides over both."""
+    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return deep_merge(deep_merge(config, fields), overrides)
+
+
+# ---------------------------------------------------------------------------- teacher
+
+class TeacherModel(nn.Module):
+    """Frozen teacher: one forward returns the requested taps."""
+
+    def __init__(self, model: nn.Module, taps: list[str]):
+        super().__init__()
+        self.model = model
+        self.taps = Taps(model, taps)
+
+    @torch.no_grad()
+    def forward(self, inputs: Any) -> dict[str, Any]:
+        with self.taps.capture() as captured:
+            output = models.run_model(self.model, inputs)
+        if OUTPUT in self.taps.names:
+            captured[OUTPUT] = output
+        return dict(captured)
+
+
+def build_teacher(plan: StagePlan, job_seed: int):
+    """Builds the teacher under ``zero.Init`` (each rank allocates only its shard), prunes it
+    to the deepest tap, loads its weights into the partitions, and wraps it in an
+    inference-only engine (no optimizer)."""
+    import deepspeed
+    stage, recipe = plan.spec, plan.teacher
+    dtype = resolve_dtype(stage.teacher.dtype)
+    config = ds_config(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides,
+                       train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
+                       gradient_accumulation_steps=1,
+                       bf16={"enabled": dtype == torch.bfloat16})
+    # Read the weights before building, so that a bad file fails before any allocation.
+    state = models.read_state_dict(recipe.weights)
+    torch.manual_seed(job_seed)
+    with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
+        model = models.create_model(recipe)
+    removed = models.prune_after(model, plan.teacher_trace, plan.teacher_taps)
+    if removed:
+        log.info("teacher pruned after its deepest tap: removed %s", _short(removed))
+    models.load_weights(model, state, recipe.weights, ignore=removed)
+    del state
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=TeacherModel(model, plan.teacher_taps), config=config)
+    engine.eval()
+    return engine, dtype
+
+
+# ---------------------------------------------------------------------------- student
+
+class StudentModel(nn.Module):
+    """The student and the objectives (with their heads) in one root module.
+
+    ``forward(inputs, teacher_taps, batch)`` returns the weighted total loss and the
+    unweighted term per objective; ``forward(inputs)`` alone returns the model's output
+    (evaluation).
+    """
+
+    def __init__(self, model: nn.Module, taps: list[str], objectives: list[Objective]):
+        super().__init__()
+        self.model = model
+        self.objectives = nn.ModuleList(objectives)
+        self.taps = Taps(model, taps)
+
+    def forward(self, inputs: Any, teacher_taps: dict[str, Any] | None = None,
+                batch: dict[str, Any] | None = None):
+        if batch is None:
+            return models.run_model(self.model, inputs)
+        with self.taps.capture() as captured:
+            output = models.run_model(self.model, inputs)
+        student_taps = {**captured, OUTPUT: output}
+        terms = {o.config.label: o(student_taps, teacher_taps or {}, batch) for o in self.objectives}
+        total = sum(o.config.weight * terms[o.config.label] for o in self.objectives)
+        return total, terms
+
+
+def _is_vector(param: nn.Parameter) -> bool:
+    return len(getattr(param, "ds_shape", param.shape)) <= 1
+
+
+def param_groups(module: StudentModel, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D parameters (biases, norms) nor on what the model
+    itself exempts (timm's ``no_weight_decay()``: cls token, position embeddings)."""
+    exempt = set()
+    if hasattr(module.model, "no_weight_decay"):
+        exempt = {f"model.{n}" for n in module.model.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if _is_vector(param) or name in exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scheduler_config(plan: StagePlan, total_steps: int) -> dict[str, Any]:
+    """DeepSpeed's own warm-up schedules (linear warm-up, then cosine / linear / constant)."""
+    opt = plan.spec.optimisation
+    warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
+    if opt.schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": opt.min_lr_ratio}}
+    if opt.schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total_steps, "warmup_num_steps": max(warmup, 1) if warmup else 0,
+            "warmup_type": "linear", "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr}}
+    return {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_type": "linear",
+                                            "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr}}
+
+
+def build_student(plan: StagePlan, total_steps: int, job_seed: int):
+    import deepspeed
+    stage, recipe = plan.spec, plan.student
+    opt = stage.optimisation
+    dtype = resolve_dtype(stage.student.dtype)
+    config = ds_config(
+        stage.deepspeed.student_config, stage.deepspeed.student_overrides,
+        train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
+        gradient_accumulation_steps=opt.gradient_accumulation_steps,
+        train_batch_size=plan.global_batch,
+        bf16={"enabled": dtype == torch.bfloat16},
+        gradient_clipping=opt.grad_clip or 0.0,
+        optimizer={"type": "AdamW", "params": {
+            "lr": plan.lr, "betas": list(opt.betas), "eps": opt.eps,
+            "weight_decay": opt.weight_decay, "torch_adam": True}},
+        scheduler=scheduler_config(plan, total_steps),
+    )
+    torch.manual_seed(job_seed)
+    with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
+        model = models.create_model(recipe, drop_path_rate=stage.student.drop_path_rate)
+        objectives = [build_objective(o, plan.tap_shapes) for o in stage.objectives]
+    if plan.student_init is not None:
+        models.load_weights(model, models.read_state_dict(plan.student_init), plan.student_init)
+    for name in plan.frozen_student:
+        model.get_submodule(name).requires_grad_(False)
+    if plan.frozen_student:
+        log.info("student: no objective reaches %s; frozen", _short(plan.frozen_student))
+    if stage.student.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"{recipe.arch} has no activation checkpointing switch")
+        model.set_grad_checkpointing(True)
+    module = StudentModel(model, plan.student_taps, objectives)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=param_groups(module, opt.weight_decay), config=config)
+    return engine, dtype
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")

@@ -1,0 +1,239 @@
+"""One stage of distillation, step by step.
+
+    stream ──> batch ──> teacher (frozen, ZeRO-3, pruned) ──> teacher taps
+                    └──> student engine (ZeRO-3, + heads) ──> weighted loss ──> backward, step
+
+Every rank runs exactly the same sequence of teacher and student calls (the stream gives
+each rank the same number of batches), so no rank ever waits at a collective alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_shards import EvalStream, ShardStream, ViewsConfig
+
+from . import checkpoints, models
+from .engines import build_student, build_teacher
+from .plan import JobPlan, StagePlan, steps_of
+from .progress import StageProgress, plot_losses
+
+log = logging.getLogger("distill_engine")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
+
+
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def view_for(batch: dict[str, Any], role: str) -> torch.Tensor:
+    """A model sees the view named after its role, else the shared 'image' view."""
+    return batch[role] if role in batch else batch["image"]
+
+
+class StageTrainer:
+    def __init__(self, job: JobPlan, plan: StagePlan):
+        self.job, self.plan, self.spec = job, plan, plan.spec
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = device()
+        self.checkpoint_dir = plan.dir / "checkpoints"
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        data = self.spec.data
+        self.stream = ShardStream(
+            data.train, batch_size=data.micro_batch_size, rank=self.rank,
+            world_size=self.world_size, num_workers=data.num_workers,
+            seed=self.job.spec.seed + data.seed, views=data.views,
+            samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
+            allow_pipe=data.allow_pipe)
+        self.total_steps = steps_of(self.plan, self.stream.batches_per_epoch)
+        self.teacher = self.teacher_dtype = None
+        if self.plan.teacher is not None:
+            self.teacher, self.teacher_dtype = build_teacher(self.plan, self.job.spec.seed)
+        self.student, self.student_dtype = build_student(self.plan, self.total_steps,
+                                                         self.job.spec.seed)
+        self.step = 0
+        if self.spec.checkpointing.resume:
+            state = checkpoints.resume(self.student, self.checkpoint_dir)
+            if state is not None:
+                self.step = state["step"]
+                self.stream.load_state_dict(state["stream"])
+                log.info("%s: resumed from %s (step %d)", self.spec.name, state["tag"], self.step)
+        # Seed drop path & co. per rank, unless a checkpoint restored the RNG.
+        if self.step == 0:
+            torch.manual_seed(self.job.spec.seed + 1000 * self.plan.index + self.rank)
+        self.batches = iter(self.stream)
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """One optimizer step (``gradient_accumulation_steps`` micro-batches). Returns the
+        rank-averaged loss, its terms, and the seconds spent waiting for data."""
+        accumulation = self.spec.optimisation.gradient_accumulation_steps
+        data_wait = 0.0
+        for _ in range(accumulation):
+            started = time.perf_counter()
+            batch = next(self.batches)
+            data_wait += time.perf_counter() - started
+            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+            teacher_taps = {}
+            if self.teacher is not None:
+                teacher_taps = self.teacher(view_for(batch, "teacher").to(self.teacher_dtype))
+            student_input = view_for(batch, "student").to(self.student_dtype)
+            total, terms = self.student(student_input, teacher_taps, batch)
+            losses = all_mean(torch.stack([total.detach().float()] +
+                                          [t.detach().float() for t in terms.values()]))
+            if not torch.isfinite(losses).all():
+                bad = [name for name, value in zip(["total", *terms], losses.tolist())
+                       if not math.isfinite(value)]
+                raise NonFiniteLoss(
+                    f"stage {self.spec.name!r}, step {self.step + 1}: non-finite loss in "
+                    f"{', '.join(bad)}; the step was not applied and no checkpoint holds its "
+                    f"weights (lower the learning rate, enable grad_clip, or check the data)")
+            self.student.backward(total)
+            self.student.step()
+        return losses[0], dict(zip(terms, losses[1:])), data_wait
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        done = self.plan.export_dir / "metrics.json"
+        if done.is_file():
+            log.info("%s: already complete (%s); skipping", self.spec.name, done)
+            return json.loads(done.read_text())
+        self.setup()
+        every_log = self.spec.logging.every_steps
+        every_save = self.spec.checkpointing.every_steps
+        progress = StageProgress(self.spec.name, self.plan.dir, self.total_steps, self.step,
+                                 self.plan.global_batch, enabled=self.rank == 0)
+        first_loss = None
+        try:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                loss, terms, data_wait = self.train_step()
+                self.step += 1
+                record = {"step": self.step, "loss": loss.item(),
+                          **{f"loss/{k}": v.item() for k, v in terms.items()},
+                          "lr": self.student.get_lr()[0],
+                          "step_s": round(time.perf_counter() - started, 5),
+                          "data_wait_s": round(data_wait, 5)}
+                first_loss = first_loss if first_loss is not None else record["loss"]
+                log_now = self.step % every_log == 0 or self.step in (1, self.total_steps)
+                progress.step(self.step, record, log_now)
+                if self.step % every_save == 0 or self.step == self.total_steps:
+                    self.save()
+        finally:
+            progress.close()
+        accuracy = self.evaluate() if self.spec.eval is not None else None
+        return self.finish(first_loss, accuracy)
+
+    def save(self) -> None:
+        checkpoints.save(self.student, self.checkpoint_dir, self.step,
+                         {"step": self.step, "stream": self.stream.state_dict(),
+                          "stage": self.spec.name},
+                         keep=self.spec.checkpointing.keep)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Top-1 accuracy on the held-out shards, every sample counted once across ranks."""
+        data = self.spec.data
+        student_view = data.views.views.get("student", data.views.views.get(
+            "image", next(iter(data.views.views.values()))))
+        geometry = data.views.geometry.model_copy(update={"crop": "center", "hflip": 0.0})
+        views = ViewsConfig(geometry=geometry,
+                            views={"image": student_view.model_copy(update={"color_jitter": None})})
+        stream = EvalStream(data.eval, batch_size=self.spec.eval.batch_size, rank=self.rank,
+                            world_size=self.world_size, views=views)
+        self.student.eval()
+        counts = torch.zeros(2, dtype=torch.float64)
+        for batch in stream:
+            output = self.student(batch["image"].to(self.device, self.student_dtype))
+            predictions = getattr(output, "logits", output).argmax(-1).cpu()
+            valid = batch["valid"]
+            counts[0] += (predictions[valid] == batch["label"][valid]).sum()
+            counts[1] += valid.sum()
+        self.student.train()
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        accuracy = (counts[0] / counts[1]).item() if counts[1] else float("nan")
+        log.info("%s: held-out accuracy %.2f%% on %d samples", self.spec.name, 100 * accuracy,
+                 int(counts[1]))
+        return accuracy
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self, first_loss: float | None, accuracy: float | None) -> dict[str, Any]:
+        """Exports the student (safetensors that timm loads), the resolved spec and metrics."""
+        plan = self.plan
+        models.save_export(self.student.module.model, plan.student, plan.export_dir,
+                           extra={"stage": self.spec.name})
+        summary = {
+            "stage": self.spec.name,
+            "teacher": plan.teacher.arch if plan.teacher else None,
+            "student": plan.student.arch, "steps": self.total_steps,
+            "first_loss": first_loss, "last_loss": None, "accuracy": accuracy,
+            "export": str(plan.export_dir / "model.safetensors"),
+        }
+        if self.rank == 0:
+            from .progress import read_metrics
+            records = read_metrics(plan.dir / "metrics.jsonl")
+            if records:
+                summary["first_loss"] = records[0]["loss"]
+                summary["last_loss"] = records[-1]["loss"]
+            if self.spec.logging.plot:
+                plot_losses(plan.dir / "metrics.jsonl", plan.dir / "loss.png",
+                            f"{self.job.spec.name} / {self.spec.name}")
+            (plan.export_dir / "spec.yaml").write_text(
+                yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
+            done = plan.export_dir / "metrics.json"
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(done)  # last: its presence marks the stage as complete
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
+
+    def close(self) -> None:
+        for name in ("student", "teacher", "batches", "stream"):
+            if hasattr(self, name):
+                delattr(self, name)
+        gc.collect()
+
+
+def run_job(job: JobPlan) -> list[dict[str, Any]]:
+    rows = []
+    for plan in job.stages:
+        trainer = StageTrainer(job, plan)
+        try:
+            rows.append(trainer.run())
+        finally:
+            trainer.close()
+    return rows
