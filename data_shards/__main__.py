@@ -1,0 +1,123 @@
+"""python -m data_shards {pack, verify, inspect} ... (see docs/data_shards.md)."""
+
+import argparse
+import os
+import re
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DataError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'500000', '100MB', '1.5GB', '512MiB' -> bytes."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").lower().removesuffix("b") if match else None
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size; use bytes or a unit such as 100MB, 1GB, 512MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_shards", description="Pack, verify and inspect webdataset shards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pack = commands.add_parser("pack", help="write shards and index.json from an image folder, a manifest, text or sklearn:digits")
+    pack.add_argument("source", help="image folder (ImageFolder layout or flat), manifest .jsonl/.csv, text .txt/.jsonl, or sklearn:digits")
+    pack.add_argument("--out", required=True, help="output directory")
+    pack.add_argument("--prefix", help="shard name prefix (default: from the source's name)")
+    limit = pack.add_mutually_exclusive_group()
+    limit.add_argument("--max-samples-per-shard", type=int, metavar="N")
+    limit.add_argument("--max-shard-bytes", type=parse_size, metavar="SIZE", help="e.g. 500MB (default 1GB)")
+    pack.add_argument("--resize-max-side", type=int, metavar="PX", help="downscale images whose longer side exceeds PX (re-encoded as PNG)")
+    pack.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="K", help="encoding processes")
+    pack.add_argument("--holdout", type=float, metavar="FRACTION", help="also write a held-out split (by stable key) to OUT/holdout")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the holdout split and of the sample order")
+    pack.add_argument("--no-progress", action="store_true")
+
+    verify = commands.add_parser("verify", help="decode every sample of every shard; exit 1 if any is bad")
+    verify.add_argument("directory")
+    verify.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs in the index")
+
+    inspect = commands.add_parser("inspect", help="print a few samples and optionally write a contact sheet")
+    inspect.add_argument("directory")
+    inspect.add_argument("--count", type=int, default=8)
+    inspect.add_argument("--png", metavar="FILE", help="write a contact sheet of the images")
+    inspect.add_argument("--allow-pipe", action="store_true")
+    return parser
+
+
+def run_pack(args, console: Console) -> int:
+    from .pack import pack
+
+    paths = pack(
+        args.source, args.out, prefix=args.prefix, max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes, resize_max_side=args.resize_max_side, workers=args.workers,
+        holdout=args.holdout, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    from .index import ShardIndex
+
+    for path in paths:
+        index = ShardIndex.load(path)
+        console.print(f"{index.split}: {index.total} samples in {len(index.shards)} shards, index {path}")
+    return 0
+
+
+def run_verify(args, console: Console) -> int:
+    from .verify import find_indexes, verify_index
+
+    all_ok = True
+    for index in find_indexes(args.directory):
+        reports = verify_index(index, allow_pipe=args.allow_pipe)
+        table = Table(title=f"{index.location} ({index.split})")
+        for column in ("shard", "expected", "good", "bad", "status"):
+            table.add_column(column)
+        for report in reports:
+            status = "ok" if report.ok else "BAD"
+            table.add_row(os.path.basename(report.url), str(report.expected), str(report.good), str(len(report.bad)), status)
+        console.print(table)
+        for report in reports:
+            for key, reason in report.bad:
+                console.print(f"bad: shard {report.url} sample '{key or '-'}': {reason}", markup=False, highlight=False)
+            if not report.bad and report.good != report.expected:
+                console.print(f"bad: shard {report.url} holds {report.good} samples, the index says {report.expected}", markup=False)
+        all_ok &= all(report.ok for report in reports)
+    console.print("verify: all samples decode" if all_ok else "verify: FAILED (see above)")
+    return 0 if all_ok else 1
+
+
+def run_inspect(args, console: Console) -> int:
+    from .verify import contact_sheet, find_indexes, first_samples
+
+    index = find_indexes(args.directory)[0]
+    console.print(f"{index.location}: {index.modality}, {index.total} samples in {len(index.shards)} shards, classes: {index.classes}")
+    samples = first_samples(index, args.count, allow_pipe=args.allow_pipe)
+    for decoded, size in samples:
+        label = "-" if decoded.label is None else str(decoded.label)
+        if index.classes and decoded.label is not None and decoded.label < len(index.classes):
+            label += f" ({index.classes[decoded.label]})"
+        what = f"image {decoded.image.shape[2]}x{decoded.image.shape[1]}" if decoded.image is not None else f"text {decoded.text[:60]!r}"
+        console.print(f"{decoded.key}  {size} bytes  label {label}  {what}", markup=False, highlight=False)
+    if args.png:
+        path = contact_sheet([decoded for decoded, _ in samples], index.classes, args.png)
+        console.print(f"contact sheet: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return {"pack": run_pack, "verify": run_verify, "inspect": run_inspect}[args.command](args, console)
+    except DataError as exn:
+        print(f"data_shards {args.command}: error: {exn}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

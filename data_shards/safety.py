@@ -1,0 +1,86 @@
+"""Opening shard URLs and reading tar members safely.
+
+Reading goes through webdataset's own tar iterator and key grouping; this module adds what a
+training job needs on top: member names are checked (absolute paths and '..' are refused),
+`pipe:` URLs must be opted into (they run shell commands), and every failure is reported as a
+ShardError that names the shard URL and the sample key it happened at.
+"""
+
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .errors import DataError
+
+
+class ShardError(DataError):
+    """A shard that could not be opened or read to its end; `key` is the sample it broke at."""
+
+    def __init__(self, url: str, key: str | None, reason: str):
+        self.url, self.key, self.reason = url, key, reason
+        where = f" at sample '{key}'" if key else ""
+        super().__init__(f"Shard {url}{where}: {reason}")
+
+
+def check_member_name(name: str) -> str:
+    """Refuse tar members that would escape a directory if the tar were ever extracted."""
+    path = PurePosixPath(name)
+    if name.startswith(("/", "\\")) or path.is_absolute() or ".." in path.parts or ".." in name.split("\\"):
+        raise _UnsafeMember(name)
+    return name
+
+
+class _UnsafeMember(Exception):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def check_url_allowed(url: str, allow_pipe: bool) -> None:
+    if url.startswith("pipe:") and not allow_pipe:
+        raise DataError(
+            f"Shard URL '{url}' is a pipe: command, which runs a shell command; pass allow_pipe=True "
+            "(ShardStream/EvalStream) or --allow-pipe (CLI) if you trust it."
+        )
+
+
+def open_url(url: str):
+    """Local paths with plain open(); everything else (pipe:, http(s), gs, s3 via pipe, ...) with wds.gopen."""
+    if "://" not in url and not url.startswith("pipe:"):
+        return open(url.removeprefix("file:"), "rb")
+    return wds.gopen(url)
+
+
+def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
+    """Yield the samples of one shard as dicts of raw bytes plus __key__ and __url__.
+
+    Raises ShardError at the first problem (cannot open, truncated or corrupt tar, unsafe member);
+    the samples before it have been yielded.
+    """
+    check_url_allowed(url, allow_pipe)
+    try:
+        stream = open_url(url)
+    except Exception as exn:
+        raise ShardError(url, None, f"cannot be opened ({type(exn).__name__}: {exn})") from None
+    last_key = None
+    try:
+        with stream:
+            members = tar_file_iterator(stream, rename_files=check_member_name)
+            for sample in group_by_keys({**member, "__url__": url} for member in members):
+                last_key = sample["__key__"]
+                yield sample
+            last_key = None
+    except _UnsafeMember as exn:
+        raise ShardError(url, None, f"refused: tar member '{exn.name}' has an absolute path or '..'") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exn:
+        # The sample being read when the tar broke is the one after the last complete one.
+        after = f" after sample '{last_key}'" if last_key else ""
+        raise ShardError(url, None, f"is truncated or corrupt{after} ({type(exn).__name__}: {exn})") from None
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") and os.path.exists(url.removeprefix("file:"))
