@@ -37,6 +37,11 @@ def resolve_dtype(choice: str) -> torch.dtype:
     return torch.float32
 
 
+# zero.Init takes its dtype from the config's bf16 flag. Passing ``dtype=`` as well is a trap
+# in DeepSpeed 0.19.8: an operator-precedence slip makes it pick bf16 on any accelerator
+# without fp16 (the CPU), whatever dtype was asked for.
+
+
 def ds_config(path, overrides: dict[str, Any], **fields: Any) -> dict[str, Any]:
     """The JSON file, our computed fields over it, the user's overrides over both."""
     config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
@@ -45,13 +50,25 @@ def ds_config(path, overrides: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- teacher
 
-class TeacherModel(nn.Module):
-    """Frozen teacher: one forward returns the requested taps."""
+class TappedModel(nn.Module):
+    """A root module whose taps are attached only after ``deepspeed.initialize``.
 
-    def __init__(self, model: nn.Module, taps: list[str]):
+    ZeRO-3 wraps every module's output in a forward hook so that the module's parameters
+    are gathered again for its backward. A tap must capture that wrapped output, so our
+    hooks have to run after DeepSpeed's, i.e. be registered after the engine exists.
+    """
+
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.taps = Taps(model, taps)
+        self.taps: Taps | None = None
+
+    def attach_taps(self, names: list[str]) -> None:
+        self.taps = Taps(self.model, names)
+
+
+class TeacherModel(TappedModel):
+    """Frozen teacher: one forward returns the requested taps."""
 
     @torch.no_grad()
     def forward(self, inputs: Any) -> dict[str, Any]:
@@ -76,7 +93,7 @@ def build_teacher(plan: StagePlan, job_seed: int):
     # Read the weights before building, so that a bad file fails before any allocation.
     state = models.read_state_dict(recipe.weights)
     torch.manual_seed(job_seed)
-    with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
+    with deepspeed.zero.Init(config_dict_or_path=config):
         model = models.create_model(recipe)
     removed = models.prune_after(model, plan.teacher_trace, plan.teacher_taps)
     if removed:
@@ -84,36 +101,60 @@ def build_teacher(plan: StagePlan, job_seed: int):
     models.load_weights(model, state, recipe.weights, ignore=removed)
     del state
     model.eval().requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=TeacherModel(model, plan.teacher_taps), config=config)
+    engine, *_ = deepspeed.initialize(model=TeacherModel(model), config=config)
+    held, total = shard_counts(model)
+    log.info("teacher: %s parameters, %s (%.1f%%) held by this rank", f"{total:,}", f"{held:,}",
+             100 * held / max(total, 1))
+    engine.module.attach_taps(plan.teacher_taps)
     engine.eval()
     return engine, dtype
 
 
+def shard_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters this rank holds, parameters in the model) under ZeRO-3 partitioning."""
+    held = total = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor"):
+            held += param.ds_tensor.numel()
+            total += param.ds_numel
+        else:
+            held += param.numel()
+            total += param.numel()
+    return held, total
+
+
 # ---------------------------------------------------------------------------- student
 
-class StudentModel(nn.Module):
+class StudentModel(TappedModel):
     """The student and the objectives (with their heads) in one root module.
 
     ``forward(inputs, teacher_taps, batch)`` returns the weighted total loss and the
     unweighted term per objective; ``forward(inputs)`` alone returns the model's output
-    (evaluation).
+    (evaluation); ``return_taps=True`` returns the taps and the output.
     """
 
-    def __init__(self, model: nn.Module, taps: list[str], objectives: list[Objective]):
-        super().__init__()
-        self.model = model
+    def __init__(self, model: nn.Module, objectives: list[Objective]):
+        super().__init__(model)
         self.objectives = nn.ModuleList(objectives)
-        self.taps = Taps(model, taps)
 
     def forward(self, inputs: Any, teacher_taps: dict[str, Any] | None = None,
-                batch: dict[str, Any] | None = None):
-        if batch is None:
+                batch: dict[str, Any] | None = None, return_taps: bool = False):
+        if batch is None and not return_taps:
             return models.run_model(self.model, inputs)
         with self.taps.capture() as captured:
             output = models.run_model(self.model, inputs)
         student_taps = {**captured, OUTPUT: output}
+        if return_taps:
+            return student_taps
         terms = {o.config.label: o(student_taps, teacher_taps or {}, batch) for o in self.objectives}
         total = sum(o.config.weight * terms[o.config.label] for o in self.objectives)
+        # ZeRO-3 re-gathers a module's own parameters (a ViT's cls_token, pos_embed) for the
+        # backward pass only when a gradient reaches that module's output. When every
+        # objective reads intermediate taps, the model's output is off the loss graph; a
+        # zero-weighted term puts it back on, at the cost of a backward through the head.
+        logits = getattr(output, "logits", getattr(output, "last_hidden_state", output))
+        if torch.is_tensor(logits) and logits.requires_grad:
+            total = total + 0.0 * logits.float().sum()
         return total, terms
 
 
@@ -170,7 +211,7 @@ def build_student(plan: StagePlan, total_steps: int, job_seed: int):
         scheduler=scheduler_config(plan, total_steps),
     )
     torch.manual_seed(job_seed)
-    with deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype):
+    with deepspeed.zero.Init(config_dict_or_path=config):
         model = models.create_model(recipe, drop_path_rate=stage.student.drop_path_rate)
         objectives = [build_objective(o, plan.tap_shapes) for o in stage.objectives]
     if plan.student_init is not None:
@@ -183,9 +224,10 @@ def build_student(plan: StagePlan, total_steps: int, job_seed: int):
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"{recipe.arch} has no activation checkpointing switch")
         model.set_grad_checkpointing(True)
-    module = StudentModel(model, plan.student_taps, objectives)
+    module = StudentModel(model, objectives)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, opt.weight_decay), config=config)
+    module.attach_taps(plan.student_taps)
     return engine, dtype
 
 

@@ -110,14 +110,13 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> Path | None:
 
 def summary_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="distillation summary")
-    for column in ("stage", "teacher", "student", "steps", "first loss", "last loss",
-                   "held-out accuracy", "export"):
-        table.add_column(column)
+    for column in ("stage", "teacher", "steps", "first loss", "last loss", "held-out acc."):
+        table.add_column(column, no_wrap=True)
     for row in rows:
         accuracy = row.get("accuracy")
-        table.add_row(row["stage"], row.get("teacher") or "-", row["student"], str(row["steps"]),
-                      _fmt(row.get("first_loss")), _fmt(row.get("last_loss")),
-                      f"{accuracy:.2%}" if accuracy is not None else "-", str(row.get("export", "")))
+        teacher = (row.get("teacher") or "-").split(":", 1)[-1]
+        table.add_row(row["stage"], teacher, str(row["steps"]), _fmt(row.get("first_loss")),
+                      _fmt(row.get("last_loss")), f"{accuracy:.2%}" if accuracy is not None else "-")
     return table
 
 

@@ -24,7 +24,7 @@ import yaml
 from data_shards import EvalStream, ShardStream, ViewsConfig
 
 from . import checkpoints, models
-from .engines import build_student, build_teacher
+from .engines import build_student, build_teacher, shard_counts
 from .plan import JobPlan, StagePlan, steps_of
 from .progress import StageProgress, plot_losses
 
@@ -75,6 +75,7 @@ class StageTrainer:
         self.teacher = self.teacher_dtype = None
         if self.plan.teacher is not None:
             self.teacher, self.teacher_dtype = build_teacher(self.plan, self.job.spec.seed)
+            self.record_teacher_shards()
         self.student, self.student_dtype = build_student(self.plan, self.total_steps,
                                                          self.job.spec.seed)
         self.step = 0
@@ -88,6 +89,19 @@ class StageTrainer:
         if self.step == 0:
             torch.manual_seed(self.job.spec.seed + 1000 * self.plan.index + self.rank)
         self.batches = iter(self.stream)
+
+    def record_teacher_shards(self) -> None:
+        """How many teacher parameters each rank holds, in ``teacher_shards.json``."""
+        held, total = shard_counts(self.teacher.module.model)
+        per_rank = [None] * self.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(per_rank, held)
+        else:
+            per_rank = [held]
+        if self.rank == 0:
+            self.plan.dir.mkdir(parents=True, exist_ok=True)
+            (self.plan.dir / "teacher_shards.json").write_text(json.dumps(
+                {"total": total, "held_per_rank": per_rank}, indent=2))
 
     # ------------------------------------------------------------------ one step
 
@@ -122,19 +136,23 @@ class StageTrainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> dict[str, Any]:
+    def run(self, stop_after: int | None = None) -> dict[str, Any] | None:
+        """Trains the stage to the end, or for at most ``stop_after`` steps in this run
+        (saving a checkpoint there and returning None; the next run resumes)."""
         done = self.plan.export_dir / "metrics.json"
         if done.is_file():
             log.info("%s: already complete (%s); skipping", self.spec.name, done)
             return json.loads(done.read_text())
         self.setup()
+        stop_at = self.total_steps if stop_after is None else min(self.total_steps,
+                                                                   self.step + stop_after)
         every_log = self.spec.logging.every_steps
         every_save = self.spec.checkpointing.every_steps
         progress = StageProgress(self.spec.name, self.plan.dir, self.total_steps, self.step,
                                  self.plan.global_batch, enabled=self.rank == 0)
         first_loss = None
         try:
-            while self.step < self.total_steps:
+            while self.step < stop_at:
                 started = time.perf_counter()
                 loss, terms, data_wait = self.train_step()
                 self.step += 1
@@ -146,10 +164,14 @@ class StageTrainer:
                 first_loss = first_loss if first_loss is not None else record["loss"]
                 log_now = self.step % every_log == 0 or self.step in (1, self.total_steps)
                 progress.step(self.step, record, log_now)
-                if self.step % every_save == 0 or self.step == self.total_steps:
+                if self.step % every_save == 0 or self.step == stop_at:
                     self.save()
         finally:
             progress.close()
+        if self.step < self.total_steps:
+            log.info("%s: stopped after step %d of %d as asked; run the same command again to "
+                     "resume", self.spec.name, self.step, self.total_steps)
+            return None
         accuracy = self.evaluate() if self.spec.eval is not None else None
         return self.finish(first_loss, accuracy)
 
@@ -190,11 +212,31 @@ class StageTrainer:
 
     # ------------------------------------------------------------------ the end
 
+    @torch.no_grad()
+    def probe(self) -> dict[str, torch.Tensor]:
+        """The engine's student on a fixed input, saved beside the export so that anyone
+        can check that a reloaded export computes the same thing."""
+        size = self.spec.data.views.geometry.size
+        inputs = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        self.student.eval()
+        taps = self.student(inputs.to(self.device, self.student_dtype), return_taps=True)
+        self.student.train()
+        probe = {"input": inputs}
+        for name, value in taps.items():
+            value = getattr(value, "logits", value)
+            if torch.is_tensor(value):
+                probe[f"tap/{name}"] = value.detach().float().cpu().contiguous()
+        return probe
+
     def finish(self, first_loss: float | None, accuracy: float | None) -> dict[str, Any]:
         """Exports the student (safetensors that timm loads), the resolved spec and metrics."""
         plan = self.plan
+        probe = self.probe()
         models.save_export(self.student.module.model, plan.student, plan.export_dir,
                            extra={"stage": self.spec.name})
+        if self.rank == 0:
+            from safetensors.torch import save_file
+            save_file(probe, str(plan.export_dir / "probe.safetensors"))
         summary = {
             "stage": self.spec.name,
             "teacher": plan.teacher.arch if plan.teacher else None,
@@ -228,12 +270,17 @@ class StageTrainer:
         gc.collect()
 
 
-def run_job(job: JobPlan) -> list[dict[str, Any]]:
+def run_job(job: JobPlan, stop_after: int | None = None) -> list[dict[str, Any]] | None:
+    """Runs the stages in order; a stage already exported is skipped, so rerunning a job
+    resumes it. Returns the summary rows, or None when ``stop_after`` cut the run short."""
     rows = []
     for plan in job.stages:
         trainer = StageTrainer(job, plan)
         try:
-            rows.append(trainer.run())
+            row = trainer.run(stop_after)
         finally:
             trainer.close()
+        if row is None:
+            return None
+        rows.append(row)
     return rows

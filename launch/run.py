@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="validate and print the plan")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to check batch arithmetic against (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                        help="stop (with a checkpoint) after this many steps in this run; "
+                             "running the same command again resumes")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by some launchers
     return parser.parse_args(argv)
@@ -49,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from distill_engine.report import print_plan
         print_plan(job)
         return 0
-    return train(job)
+    return train(job, args.stop_after)
 
 
-def train(job) -> int:
+def train(job, stop_after: int | None) -> int:
     import deepspeed
     import torch.distributed as dist
     from data_shards import DataError
@@ -65,11 +68,11 @@ def train(job) -> int:
     rank = dist.get_rank()
     setup_logging(rank)
     try:
-        rows = run_job(job)
+        rows = run_job(job, stop_after)
     except (WeightsError, DataError, NonFiniteLoss) as err:
         console.print(f"[red]error on rank {rank}:[/red] {err}", highlight=False)
         return 1
-    if rank == 0:
+    if rank == 0 and rows is not None:
         console.print(summary_table(rows))
     dist.barrier()
     return 0

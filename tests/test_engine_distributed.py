@@ -1,0 +1,133 @@
+"""The real DeepSpeed engine on 2 CPU ranks (gloo): a ZeRO-3 teacher sharded across the
+ranks, Feature Distillation whose loss falls, exact resume, and an export that timm loads.
+
+One job spec serves all three launches: a straight 12-step run, and the same run stopped
+after 6 steps and resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import ROOT, env, run_deepspeed, write_spec
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 12
+TEACHER = {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2,
+           "num_classes": 10}
+STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
+           "num_classes": 10}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
+                    str(out), "--holdout", "0.2", "--seed", "0", "--max-samples-per-shard", "250"],
+                   check=True, capture_output=True, cwd=ROOT, env=env())
+    return out
+
+
+@pytest.fixture(scope="module")
+def fd_spec(tmp_path_factory, digits) -> dict:
+    import timm
+    work = tmp_path_factory.mktemp("fd")
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_tiny_patch16_224", **TEACHER)
+    save_file(teacher.state_dict(), str(work / "teacher.safetensors"))
+    return {
+        "name": "fd-test", "run_dir": str(work / "run"), "seed": 3,
+        "data": {"train": str(digits / "train"), "micro_batch_size": 16, "num_workers": 1,
+                 "views": {"geometry": {"size": 24, "crop": "random_resized", "scale": [0.5, 1.0],
+                                        "hflip": 0.5, "interpolation": "bilinear"}}},
+        "optimisation": {"lr": 3e-3, "warmup_steps": 2, "steps": STEPS, "grad_clip": 3.0},
+        "checkpointing": {"every_steps": 6, "keep": 2},
+        "logging": {"every_steps": 1},
+        "stages": [{
+            "name": "fd",
+            "teacher": {"arch": "timm:vit_tiny_patch16_224", "kwargs": TEACHER,
+                        "weights": str(work / "teacher.safetensors"), "dtype": "fp32"},
+            "student": {"arch": "timm:vit_tiny_patch16_224", "kwargs": STUDENT,
+                        "drop_path_rate": 0.1, "dtype": "fp32"},
+            "objectives": [{"kind": "feature", "student_tap": "norm", "teacher_tap": "norm"}],
+        }],
+    }
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(l) for l in (run_dir / "fd" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def straight_run(fd_spec, tmp_path_factory) -> Path:
+    spec_file = write_spec(tmp_path_factory.mktemp("straight") / "job.yaml", fd_spec)
+    result = run_deepspeed(spec_file)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return Path(fd_spec["run_dir"])
+
+
+def test_teacher_is_sharded_about_half_per_rank(straight_run):
+    shards = json.loads((straight_run / "fd" / "teacher_shards.json").read_text())
+    assert len(shards["held_per_rank"]) == 2
+    for held in shards["held_per_rank"]:
+        assert 0.45 <= held / shards["total"] <= 0.55, shards
+
+
+def test_distillation_loss_falls(straight_run):
+    loss = losses(straight_run)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (10, 11, 12)) / 3
+    assert last < 0.8 * first, loss
+
+
+def test_run_writes_what_a_user_reads(straight_run):
+    stage = straight_run / "fd"
+    assert (stage / "loss.png").stat().st_size > 1000
+    summary = json.loads((stage / "export" / "metrics.json").read_text())
+    assert summary["steps"] == STEPS and summary["last_loss"] < summary["first_loss"]
+    assert (stage / "export" / "spec.yaml").is_file()
+    # Only the last `keep` complete checkpoints remain.
+    tags = sorted(p.name for p in (stage / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step00000006", "step00000012"]
+
+
+def test_export_loads_in_timm_and_gives_the_engines_features(straight_run):
+    import timm
+    export = straight_run / "fd" / "export"
+    card = json.loads((export / "model.json").read_text())
+    model = timm.create_model(card["arch"].removeprefix("timm:"), pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
+                              **card["kwargs"]).eval()
+    probe = load_file(str(export / "probe.safetensors"))
+    with torch.no_grad():
+        features = model.forward_features(probe["input"])
+    torch.testing.assert_close(features, probe["tap/norm"], rtol=1e-4, atol=1e-5)
+    # The FD projection head is training machinery, not part of the student.
+    assert not any("projection" in k for k in load_file(str(export / "model.safetensors")))
+
+
+def test_stopped_and_resumed_run_continues_with_identical_losses(fd_spec, straight_run,
+                                                                 tmp_path_factory):
+    work = tmp_path_factory.mktemp("resumed")
+    spec = {**fd_spec, "run_dir": str(work / "run")}
+    spec_file = write_spec(work / "job.yaml", spec)
+    first = run_deepspeed(spec_file, "--stop-after", str(STEPS // 2))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert not (work / "run" / "fd" / "export" / "metrics.json").exists()
+    second = run_deepspeed(spec_file)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from step00000006" in second.stderr + second.stdout
+    want, got = losses(straight_run), losses(work / "run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), (step, got, want)
