@@ -245,7 +245,11 @@ class ShardStream:
             if self.num_workers == 0:
                 loader = epoch_data
             else:
-                loader = DataLoader(epoch_data, batch_size=None, num_workers=self.num_workers, prefetch_factor=2)
+                # An own generator: DataLoader would otherwise draw its base seed from the global
+                # torch RNG, shifting the trainer's dropout/drop-path stream at every epoch and
+                # resume (our workers' randomness comes from derive_seed, not from that seed).
+                loader = DataLoader(epoch_data, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                                    generator=torch.Generator().manual_seed(self.epoch))
             for batch in loader:
                 if "__error__" in batch:
                     raise DataError(batch["__error__"])
