@@ -234,13 +234,11 @@ class ShardStream:
         if positions is not None and len(positions) == len(self._positions):
             self._positions = list(positions)
         self._bad_before_epoch = int(state.get("bad_samples", 0))
+        if self.batch == self.batches_per_epoch:
+            self._finish_epoch()
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            if self.batch >= self.batches_per_epoch:
-                self._bad_before_epoch = self.bad_samples
-                self.epoch, self.batch = self.epoch + 1, 0
-                self._new_epoch_counters()
             epoch_data = _EpochOfSlots(self._plan, self.epoch, self.batch, list(self._positions))
             if self.num_workers == 0:
                 loader = epoch_data
@@ -256,9 +254,16 @@ class ShardStream:
                 last_bad = batch.pop("_last_bad")
                 if self.bad_samples > self.max_bad_samples:
                     raise DataError(f"rank {self.rank}: {self.bad_samples} bad samples, more than max_bad_samples={self.max_bad_samples}; the last was {last_bad}")
-                self.batch += 1
                 batch["bad_samples"] = self.bad_samples
+                self.batch += 1
+                if self.batch == self.batches_per_epoch:
+                    self._finish_epoch()  # before the yield, so a state saved now points at the next epoch
                 yield batch
+
+    def _finish_epoch(self) -> None:
+        self._bad_before_epoch = self.bad_samples
+        self.epoch, self.batch = self.epoch + 1, 0
+        self._new_epoch_counters()
 
 
 def _check_rank(batch_size: int, rank: int, world_size: int) -> None:
