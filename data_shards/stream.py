@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.filters import _shuffle as shuffle_buffer
 from webdataset.shardlists import expand_urls
 
@@ -63,7 +63,8 @@ def _collate(samples: list[Decoded], views: dict[str, list[torch.Tensor]] | None
     if with_labels:
         batch["label"] = torch.tensor([sample.label for sample in samples], dtype=torch.long)
     if views is not None:
-        batch.update({name: torch.stack(tensors) for name, tensors in views.items()})
+        # default_collate stacks straight into shared memory inside a DataLoader worker: one copy fewer
+        batch.update({name: default_collate(tensors) for name, tensors in views.items()})
     else:
         batch["text"] = [sample.text for sample in samples]
     return batch
@@ -108,7 +109,9 @@ def _slot_batches(plan: _Plan, epoch: int, slot: int, first_batch: int, skip: in
     """Batches first_batch, first_batch + num_slots, ... of one slot, after skipping `skip` stream items."""
     stream_seed = derive_seed(plan.seed, epoch, plan.rank, slot)
     raw = _raw_samples(plan, random.Random(derive_seed(stream_seed, "shards")))
-    items = shuffle_buffer(raw, plan.shuffle_buffer, plan.shuffle_buffer, rng=random.Random(derive_seed(stream_seed, "shuffle")))
+    # Start yielding after 100 items (webdataset's default) while the buffer fills up to its full size.
+    shuffle_rng = random.Random(derive_seed(stream_seed, "shuffle"))
+    items = shuffle_buffer(raw, plan.shuffle_buffer, min(100, plan.shuffle_buffer), rng=shuffle_rng)
     for _ in range(skip):  # replay without decoding: positions, not pixels, decide what comes next
         next(items)
     position, bad, last_bad = skip, 0, ""
