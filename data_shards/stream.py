@@ -157,6 +157,8 @@ class _EpochOfSlots(IterableDataset):
         worker = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)  # the workers are the parallelism; don't oversubscribe the cores
+        if self.start + worker >= self.plan.batches_per_epoch:
+            return  # fewer batches left in this epoch than workers
         slot = (self.start + worker) % self.plan.num_slots
         skip = self.positions[slot]
         if skip is None:  # position unknown (a minimal state dict): assume no bad samples so far
@@ -250,8 +252,9 @@ class ShardStream:
             for batch in loader:
                 if "__error__" in batch:
                     raise DataError(batch["__error__"])
-                slot = batch.pop("_slot")
-                assert batch.pop("_batch") == self.batch, "batch order broke; this is a bug in data_shards"
+                slot, batch_number = batch.pop("_slot"), batch.pop("_batch")
+                if batch_number != self.batch:
+                    raise RuntimeError(f"data_shards bug: got batch {batch_number}, expected {self.batch}")
                 self._positions[slot] = batch.pop("_position")
                 self._slot_bad[slot] = batch.pop("_bad")
                 last_bad = batch.pop("_last_bad")
