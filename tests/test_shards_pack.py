@@ -1,15 +1,19 @@
 """pack: sources, determinism, holdout, index, and the CLI's error handling; round trip on generated images."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from data_shards import DataError, EvalStream, GeometryConfig, ShardIndex, ViewConfig, ViewsConfig, pack
 from data_shards.__main__ import main
-from data_shards.safety import read_shard
+from data_shards.keys import make_key
+from data_shards.safety import check_member_name, read_shard
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
@@ -164,3 +168,20 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pack", "x", "--out", "o", "--max-shard-bytes", "lots"])
     assert "not a size" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=40))
+def test_any_source_name_becomes_a_safe_key(name):
+    key = make_key(name)
+    assert key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    assert make_key(name) == key
+
+
+@pytest.mark.parametrize("member, refused", [("a/b.png", False), ("key.cls", False), ("../x.cls", True), ("a/../../x", True), ("/etc/passwd", True), ("a\\..\\x", True)])
+def test_member_names(member, refused):
+    if refused:
+        with pytest.raises(Exception, match=re.escape(member)):
+            check_member_name(member)
+    else:
+        assert check_member_name(member) == member

@@ -194,3 +194,14 @@ def test_two_real_ranks_never_wait_at_a_collective(five_shards):
         process.join(timeout=90)
     assert [process.exitcode for process in ranks] == [0, 0]
     assert sorted(results.get(timeout=5) for _ in ranks) == [(0, 10), (1, 10)]  # 2 epochs of ceil(450 / 100)
+
+
+def test_inspect_prints_samples_and_draws_a_contact_sheet(split_shards, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert main(["inspect", str(split_shards), "--count", "10", "--png", str(sheet)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("digits_")]
+    assert len(lines) == 10 and all("image 8x8" in line and "label " in line for line in lines)
+    from PIL import Image
+
+    with Image.open(sheet) as image:
+        assert image.size == (8 * 96, 2 * (96 + 14))  # 10 tiles in rows of 8, each with a caption
