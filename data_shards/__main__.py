@@ -111,7 +111,7 @@ def run_inspect(args, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)  # bad-sample lines stay whole for grep
     try:
         return {"pack": run_pack, "verify": run_verify, "inspect": run_inspect}[args.command](args, console)
     except DataError as exn:

@@ -6,7 +6,6 @@ training job needs on top: member names are checked (absolute paths and '..' are
 ShardError that names the shard URL and the sample key it happened at.
 """
 
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -67,20 +66,41 @@ def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
     except Exception as exn:
         raise ShardError(url, None, f"cannot be opened ({type(exn).__name__}: {exn})") from None
     last_key = None
+    reader = _EndCheckingReader(stream)
     try:
         with stream:
-            members = tar_file_iterator(stream, rename_files=check_member_name)
+            members = tar_file_iterator(reader, rename_files=check_member_name)
             for sample in group_by_keys({**member, "__url__": url} for member in members):
                 last_key = sample["__key__"]
                 yield sample
-            last_key = None
+            reader.check_complete()
     except _UnsafeMember as exn:
         raise ShardError(url, None, f"refused: tar member '{exn.name}' has an absolute path or '..'") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as exn:
         # The sample being read when the tar broke is the one after the last complete one.
         after = f" after sample '{last_key}'" if last_key else ""
-        raise ShardError(url, None, f"is truncated or corrupt{after} ({type(exn).__name__}: {exn})") from None
+        detail = str(exn).split(" @ <")[0]  # drop the file-object repr webdataset appends
+        raise ShardError(url, None, f"is truncated or corrupt{after} ({type(exn).__name__}: {detail})") from None
 
 
-def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:") and os.path.exists(url.removeprefix("file:"))
+class _EndCheckingReader:
+    """Counts and keeps the tail of what tarfile reads, to tell a complete tar from a truncated one.
+
+    Python's tarfile treats a tar cut at a member boundary as ended, so a truncation would pass
+    unnoticed; a complete tar ends with two zero blocks and is a whole number of 512-byte blocks.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.size, self.tail = stream, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.size += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def check_complete(self) -> None:
+        while self.read(1 << 16):  # the end-of-archive blocks tarfile did not need to read
+            pass
+        if self.size % 512 or self.tail.count(0) != 1024:
+            raise tarfile.ReadError(f"no end-of-archive marker after {self.size} bytes")

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.filters import _shuffle as shuffle_buffer
 from webdataset.shardlists import expand_urls
 
@@ -63,7 +63,8 @@ def _collate(samples: list[Decoded], views: dict[str, list[torch.Tensor]] | None
     if with_labels:
         batch["label"] = torch.tensor([sample.label for sample in samples], dtype=torch.long)
     if views is not None:
-        batch.update({name: torch.stack(tensors) for name, tensors in views.items()})
+        # default_collate stacks straight into shared memory inside a DataLoader worker: one copy fewer
+        batch.update({name: default_collate(tensors) for name, tensors in views.items()})
     else:
         batch["text"] = [sample.text for sample in samples]
     return batch
@@ -108,7 +109,9 @@ def _slot_batches(plan: _Plan, epoch: int, slot: int, first_batch: int, skip: in
     """Batches first_batch, first_batch + num_slots, ... of one slot, after skipping `skip` stream items."""
     stream_seed = derive_seed(plan.seed, epoch, plan.rank, slot)
     raw = _raw_samples(plan, random.Random(derive_seed(stream_seed, "shards")))
-    items = shuffle_buffer(raw, plan.shuffle_buffer, plan.shuffle_buffer, rng=random.Random(derive_seed(stream_seed, "shuffle")))
+    # Start yielding after 100 items (webdataset's default) while the buffer fills up to its full size.
+    shuffle_rng = random.Random(derive_seed(stream_seed, "shuffle"))
+    items = shuffle_buffer(raw, plan.shuffle_buffer, min(100, plan.shuffle_buffer), rng=shuffle_rng)
     for _ in range(skip):  # replay without decoding: positions, not pixels, decide what comes next
         next(items)
     position, bad, last_bad = skip, 0, ""
@@ -154,6 +157,8 @@ class _EpochOfSlots(IterableDataset):
         worker = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)  # the workers are the parallelism; don't oversubscribe the cores
+        if self.start + worker >= self.plan.batches_per_epoch:
+            return  # fewer batches left in this epoch than workers
         slot = (self.start + worker) % self.plan.num_slots
         skip = self.positions[slot]
         if skip is None:  # position unknown (a minimal state dict): assume no bad samples so far
@@ -234,13 +239,11 @@ class ShardStream:
         if positions is not None and len(positions) == len(self._positions):
             self._positions = list(positions)
         self._bad_before_epoch = int(state.get("bad_samples", 0))
+        if self.batch == self.batches_per_epoch:
+            self._finish_epoch()
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            if self.batch >= self.batches_per_epoch:
-                self._bad_before_epoch = self.bad_samples
-                self.epoch, self.batch = self.epoch + 1, 0
-                self._new_epoch_counters()
             epoch_data = _EpochOfSlots(self._plan, self.epoch, self.batch, list(self._positions))
             if self.num_workers == 0:
                 loader = epoch_data
@@ -253,16 +256,24 @@ class ShardStream:
             for batch in loader:
                 if "__error__" in batch:
                     raise DataError(batch["__error__"])
-                slot = batch.pop("_slot")
-                assert batch.pop("_batch") == self.batch, "batch order broke; this is a bug in data_shards"
+                slot, batch_number = batch.pop("_slot"), batch.pop("_batch")
+                if batch_number != self.batch:
+                    raise RuntimeError(f"data_shards bug: got batch {batch_number}, expected {self.batch}")
                 self._positions[slot] = batch.pop("_position")
                 self._slot_bad[slot] = batch.pop("_bad")
                 last_bad = batch.pop("_last_bad")
                 if self.bad_samples > self.max_bad_samples:
                     raise DataError(f"rank {self.rank}: {self.bad_samples} bad samples, more than max_bad_samples={self.max_bad_samples}; the last was {last_bad}")
-                self.batch += 1
                 batch["bad_samples"] = self.bad_samples
+                self.batch += 1
+                if self.batch == self.batches_per_epoch:
+                    self._finish_epoch()  # before the yield, so a state saved now points at the next epoch
                 yield batch
+
+    def _finish_epoch(self) -> None:
+        self._bad_before_epoch = self.bad_samples
+        self.epoch, self.batch = self.epoch + 1, 0
+        self._new_epoch_counters()
 
 
 def _check_rank(batch_size: int, rank: int, world_size: int) -> None:
