@@ -177,10 +177,9 @@ def param_groups(module: StudentModel, weight_decay: float) -> list[dict[str, An
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def scheduler_config(plan: StagePlan, total_steps: int) -> dict[str, Any]:
+def scheduler_config(plan: StagePlan, total_steps: int, warmup: int) -> dict[str, Any]:
     """DeepSpeed's own warm-up schedules (linear warm-up, then cosine / linear / constant)."""
     opt = plan.spec.optimisation
-    warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
     if opt.schedule == "cosine":
         return {"type": "WarmupCosineLR", "params": {
             "total_num_steps": total_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
@@ -193,7 +192,7 @@ def scheduler_config(plan: StagePlan, total_steps: int) -> dict[str, Any]:
                                             "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr}}
 
 
-def build_student(plan: StagePlan, total_steps: int, job_seed: int):
+def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed: int):
     import deepspeed
     stage, recipe = plan.spec, plan.student
     opt = stage.optimisation
@@ -208,14 +207,22 @@ def build_student(plan: StagePlan, total_steps: int, job_seed: int):
         optimizer={"type": "AdamW", "params": {
             "lr": plan.lr, "betas": list(opt.betas), "eps": opt.eps,
             "weight_decay": opt.weight_decay, "torch_adam": True}},
-        scheduler=scheduler_config(plan, total_steps),
+        scheduler=scheduler_config(plan, total_steps, warmup_steps),
     )
     torch.manual_seed(job_seed)
     with deepspeed.zero.Init(config_dict_or_path=config):
-        model = models.create_model(recipe, drop_path_rate=stage.student.drop_path_rate)
+        model = models.create_student(recipe, stage.student.drop_path_rate,
+                                      stage.student.drop_path_schedule)
         objectives = [build_objective(o, plan.tap_shapes) for o in stage.objectives]
     if plan.student_init is not None:
-        models.load_weights(model, models.read_state_dict(plan.student_init), plan.student_init)
+        state = models.read_state_dict(plan.student_init)
+        fresh = models.fresh_head_keys(models.expected_shapes(model),
+                                       {k: tuple(v.shape) for k, v in state.items()},
+                                       models.classifier_prefixes(model))
+        if fresh:
+            log.info("student: %s start fresh (not in %s, or another number of classes)",
+                     _short(sorted(fresh)), plan.student_init)
+        models.load_weights(model, state, plan.student_init, fresh=fresh)
     for name in plan.frozen_student:
         model.get_submodule(name).requires_grad_(False)
     if plan.frozen_student:

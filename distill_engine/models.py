@@ -71,6 +71,23 @@ def create_model(recipe: ModelRecipe, **overrides: Any) -> nn.Module:
     raise ValueError(f"unknown architecture family in {recipe.arch!r}; use timm:NAME or hf:DIR")
 
 
+def create_student(recipe: ModelRecipe, drop_path_rate: float, schedule: str) -> nn.Module:
+    """The student with its stochastic depth: timm's linear ramp, or TinyMIM's constant
+    rate on every block but the last (whose output past the tapped qkv is unused)."""
+    if schedule == "linear" or drop_path_rate == 0:
+        return create_model(recipe, drop_path_rate=drop_path_rate)
+    from timm.layers import DropPath
+    model = create_model(recipe)
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise ValueError(f"{recipe.arch} has no 'blocks' list; use drop_path_schedule: linear")
+    for block in list(blocks)[:-1]:
+        for name, child in list(block.named_children()):
+            if name.startswith("drop_path"):
+                setattr(block, name, DropPath(drop_path_rate))
+    return model
+
+
 def timm_architecture_exists(name: str) -> bool:
     import timm
     return name in timm.list_models()
@@ -255,11 +272,29 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | str:
         return str(err)
 
 
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The classifier head's parameter prefixes (timm's pretrained_cfg names it)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(n + "." for n in names)
+
+
+def fresh_head_keys(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]],
+                    head: tuple[str, ...]) -> set[str]:
+    """Head keys that start fresh when initialising from another model: missing from the
+    file, or of another number of classes."""
+    return {k for k in want if k.startswith(head) and (k not in have or have[k] != want[k])}
+
+
 def shape_problems(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]],
-                   path: Path, ignore: Iterable[str] = ()) -> str | None:
-    """A one-paragraph description of how the file's keys and shapes fail to fit, or None."""
+                   path: Path, ignore: Iterable[str] = (),
+                   fresh: Iterable[str] = ()) -> str | None:
+    """A one-paragraph description of how the file's keys and shapes fail to fit, or None.
+    ``ignore``: module prefixes pruned from the model; ``fresh``: keys allowed to differ."""
     ignore_prefixes = tuple(i + "." for i in ignore)
-    have = {k: v for k, v in have.items() if not k.startswith(ignore_prefixes)}
+    fresh = set(fresh)
+    have = {k: v for k, v in have.items() if not k.startswith(ignore_prefixes) and k not in fresh}
+    want = {k: v for k, v in want.items() if k not in fresh}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     mismatched = sorted(f"{k} (file {list(have[k])}, model {list(want[k])})"
@@ -282,17 +317,19 @@ def shape_problems(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, 
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
-                 ignore: Iterable[str] = ()) -> None:
+                 ignore: Iterable[str] = (), fresh: Iterable[str] = ()) -> None:
     """Copies ``state`` into ``model``, module by module, also when ZeRO-3 has partitioned it.
 
     Under ZeRO-3 each module's parameters are gathered, written on rank 0 and
     re-partitioned (``GatheredParameters(modifier_rank=0)``); buffers are not partitioned
     and are written on every rank.
     """
+    fresh = set(fresh)
     problem = shape_problems(expected_shapes(model), {k: tuple(v.shape) for k, v in state.items()},
-                             path, ignore)
+                             path, ignore, fresh)
     if problem:
         raise WeightsError(problem)
+    state = {k: v for k, v in state.items() if k not in fresh}
     import deepspeed
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for module_name, module in model.named_modules():
@@ -306,7 +343,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
                 if rank == 0 or not partitioned:
                     with torch.no_grad():
                         for name, param in params:
-                            param.copy_(state[prefix + name].to(param.dtype))
+                            if prefix + name in state:  # else a fresh head parameter
+                                param.copy_(state[prefix + name].to(param.dtype))
         for name, buffer in module.named_buffers(recurse=False):
             if prefix + name in state:
                 with torch.no_grad():

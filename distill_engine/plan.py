@@ -314,10 +314,11 @@ def _check_models(plan: StagePlan, problems: list[tuple[str, str]]) -> None:
         if recipe is None or (recipe.family == "timm" and
                               not models.timm_architecture_exists(recipe.name)):
             continue  # already reported
-        extra = {"drop_path_rate": stage.student.drop_path_rate} if role == "student" else {}
         try:
             with torch.device("meta"):
-                model = models.create_model(recipe, **extra)
+                model = (models.create_student(recipe, stage.student.drop_path_rate,
+                                               stage.student.drop_path_schedule)
+                         if role == "student" else models.create_model(recipe))
         except Exception as err:  # timm/transformers reject bad kwargs with varied types
             problems.append((f"{here}.{role}.kwargs", f"cannot build {recipe.arch} with "
                              f"{recipe.kwargs}: {err}"))
@@ -353,9 +354,8 @@ def _check_models(plan: StagePlan, problems: list[tuple[str, str]]) -> None:
             plan.pruned_teacher = removed
             plan.teacher_params_kept = sum(p.numel() for p in model.parameters())
         if role == "student" and plan.student_init is not None and plan.student_init.is_file():
-            _check_weights(model, plan.student_init, f"{here}.student.init", problems)
-        if role == "teacher" and recipe.weights is not None and recipe.weights.is_file():
-            pass  # checked against the unpruned model below
+            _check_weights(model, plan.student_init, f"{here}.student.init", problems,
+                           head=models.classifier_prefixes(model))
 
     if "student" not in built:
         return
@@ -379,13 +379,16 @@ def _check_models(plan: StagePlan, problems: list[tuple[str, str]]) -> None:
 
 
 def _check_weights(model: torch.nn.Module, path: Path, where: str,
-                   problems: list[tuple[str, str]]) -> None:
-    """Compares key names and shapes from the file header, without reading tensors."""
+                   problems: list[tuple[str, str]], head: tuple[str, ...] = ()) -> None:
+    """Compares key names and shapes from the file header, without reading tensors.
+    ``head``: classifier prefixes that may start fresh (initialising a student)."""
     shapes = models.weight_shapes(path)
     if isinstance(shapes, str):
         problems.append((where, shapes))
         return
-    problem = models.shape_problems(models.expected_shapes(model), shapes, path)
+    want = models.expected_shapes(model)
+    problem = models.shape_problems(want, shapes, path,
+                                    fresh=models.fresh_head_keys(want, shapes, head))
     if problem:
         problems.append((where, problem))
 
@@ -438,8 +441,11 @@ def _check_teacher_weights(plan: StagePlan, problems: list[tuple[str, str]]) -> 
     _check_weights(model, recipe.weights, f"stages[{plan.index}].teacher.weights", problems)
 
 
-def steps_of(plan: StagePlan, batches_per_epoch: int) -> int:
+def steps_of(plan: StagePlan, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps in the stage, warm-up steps), from steps or epochs."""
     opt = plan.spec.optimisation
-    if opt.steps is not None:
-        return opt.steps
-    return max(1, math.ceil(opt.epochs * batches_per_epoch / opt.gradient_accumulation_steps))
+    steps_per_epoch = batches_per_epoch / opt.gradient_accumulation_steps
+    total = opt.steps if opt.steps is not None else max(1, math.ceil(opt.epochs * steps_per_epoch))
+    warmup = (opt.warmup_steps if opt.warmup_epochs is None
+              else math.ceil(opt.warmup_epochs * steps_per_epoch))
+    return total, min(warmup, max(total - 1, 0))

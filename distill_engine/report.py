@@ -46,8 +46,10 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
         table.add_row("batch", f"{data.micro_batch_size} per rank x {plan.world_size} ranks x "
                       f"{opt.gradient_accumulation_steps} accumulation = {plan.global_batch}")
         budget = f"{opt.steps} steps" if opt.steps else f"{opt.epochs} epochs"
+        warmup = (f"{opt.warmup_epochs} epochs" if opt.warmup_epochs is not None
+                  else f"{opt.warmup_steps} steps")
         table.add_row("optimisation", f"{opt.optimizer}, lr {plan.lr:.3g} ({opt.schedule}, "
-                      f"{opt.warmup_steps} warm-up steps), {budget}, wd {opt.weight_decay}, "
+                      f"{warmup} warm-up), {budget}, wd {opt.weight_decay}, "
                       f"clip {opt.grad_clip}")
         table.add_row("data", f"train {data.train}; eval {data.eval}; "
                       f"{data.views.geometry.size}px views {list(data.views.views)}")

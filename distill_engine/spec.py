@@ -57,6 +57,9 @@ class StudentSpec(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     init: str = Field("scratch", description="'scratch', a weights file, or 'stage:NAME'")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="linear: 0 -> rate over depth (timm, FD); constant: rate on every "
+                              "block but the last (TinyMIM)")
     grad_checkpointing: bool = Field(False, description="activation checkpointing (timm models)")
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     freeze_unused: bool = Field(True, description="freeze parameters that no objective reaches")
@@ -96,6 +99,7 @@ class OptimisationSpec(Strict):
     weight_decay: float = Field(0.05, ge=0.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    warmup_epochs: float | None = Field(None, ge=0.0, description="alternative to warmup_steps")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     steps: int | None = Field(None, ge=1, description="optimizer steps in this stage")
     epochs: float | None = Field(None, gt=0.0, description="alternative to steps")
@@ -106,6 +110,8 @@ class OptimisationSpec(Strict):
     def _one_budget(self):
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of 'steps' or 'epochs'")
+        if self.warmup_steps and self.warmup_epochs is not None:
+            raise ValueError("give at most one of 'warmup_steps' or 'warmup_epochs'")
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
             raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
         return self

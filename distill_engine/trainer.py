@@ -71,13 +71,13 @@ class StageTrainer:
             seed=self.job.spec.seed + data.seed, views=data.views,
             samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
             allow_pipe=data.allow_pipe)
-        self.total_steps = steps_of(self.plan, self.stream.batches_per_epoch)
+        self.total_steps, warmup_steps = steps_of(self.plan, self.stream.batches_per_epoch)
         self.teacher = self.teacher_dtype = None
         if self.plan.teacher is not None:
             self.teacher, self.teacher_dtype = build_teacher(self.plan, self.job.spec.seed)
             self.record_teacher_shards()
         self.student, self.student_dtype = build_student(self.plan, self.total_steps,
-                                                         self.job.spec.seed)
+                                                         warmup_steps, self.job.spec.seed)
         self.step = 0
         if self.spec.checkpointing.resume:
             state = checkpoints.resume(self.student, self.checkpoint_dir)
