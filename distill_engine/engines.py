@@ -223,8 +223,10 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
             log.info("student: %s start fresh (not in %s, or another number of classes)",
                      _short(sorted(fresh)), plan.student_init)
         models.load_weights(model, state, plan.student_init, fresh=fresh)
-    for name in plan.frozen_student:
-        model.get_submodule(name).requires_grad_(False)
+    frozen = set(plan.frozen_params)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     if plan.frozen_student:
         log.info("student: no objective reaches %s; frozen", _short(plan.frozen_student))
     if stage.student.grad_checkpointing:

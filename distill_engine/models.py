@@ -177,9 +177,20 @@ def modules_after(trace: Trace, tap: str) -> list[str]:
     return outermost
 
 
-def never_run(model: nn.Module, trace: Trace) -> list[str]:
-    return [n for n, m in model.named_modules() if n and n not in trace.start
-            and any(True for _ in m.parameters(recurse=False))]
+def unreachable_parameters(model: nn.Module, trace: Trace, taps: Iterable[str]) -> list[str]:
+    """Names of parameters that cannot influence any tap: those owned only by modules that
+    start after the deepest tap has finished. A parameter also owned elsewhere (tied
+    embeddings) is kept trainable. Modules that never ran are left alone: some models use a
+    submodule's weight functionally (BEiT's ``F.linear(x, self.qkv.weight, ...)``)."""
+    tap = deepest_tap(trace, taps)
+    if tap is None:
+        return []
+    after = tuple(m + "." for m in modules_after(trace, tap))
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return sorted(names[0] for names in owners.values()
+                  if all(n.startswith(after) for n in names))
 
 
 # ---------------------------------------------------------------------------- pruning

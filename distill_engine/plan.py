@@ -138,7 +138,8 @@ class StagePlan:
     teacher_params_kept: int = 0
     student_params: int = 0
     head_params: int = 0
-    frozen_student: list[str] = field(default_factory=list)
+    frozen_student: list[str] = field(default_factory=list)   # modules, for display
+    frozen_params: list[str] = field(default_factory=list)    # what is actually frozen
     pruned_teacher: list[str] = field(default_factory=list)
     tap_shapes: TapShapes | None = None
     teacher_trace: models.Trace | None = None   # module order, to prune the real teacher
@@ -342,11 +343,11 @@ def _check_models(plan: StagePlan, problems: list[tuple[str, str]]) -> None:
         if role == "student":
             plan.student_params = count
             if stage.student.freeze_unused:
+                plan.frozen_params = models.unreachable_parameters(model, traced, taps)
                 deepest = models.deepest_tap(traced, taps)
-                frozen = models.modules_after(traced, deepest) if deepest else []
-                frozen += models.never_run(model, traced)
-                plan.frozen_student = [n for n in frozen
-                                       if any(True for _ in model.get_submodule(n).parameters())]
+                plan.frozen_student = [
+                    m for m in (models.modules_after(traced, deepest) if deepest else [])
+                    if any(p.startswith(m + ".") for p in plan.frozen_params)]
         else:
             plan.teacher_params = count
             plan.teacher_trace = traced
