@@ -240,6 +240,7 @@ class StageTrainer:
         summary = {
             "stage": self.spec.name,
             "teacher": plan.teacher.arch if plan.teacher else None,
+            "teacher_weights": str(plan.teacher.weights) if plan.teacher else None,
             "student": plan.student.arch, "steps": self.total_steps,
             "first_loss": first_loss, "last_loss": None, "accuracy": accuracy,
             "export": str(plan.export_dir / "model.safetensors"),

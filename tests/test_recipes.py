@@ -1,0 +1,63 @@
+"""The paper recipes in jobs/ pass --check at the world size they are written for.
+
+Their weights cannot exist on these machines, so each check points the teacher at a
+safetensors file with the genuine header of the architecture and no data (see
+helpers.sparse_safetensors), and the data at an empty shard directory."""
+
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, sparse_safetensors
+from launch_main import check_in_process
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("imagenet")
+    (directory / "index.json").write_text("{}")
+    return directory
+
+
+def check(spec: str, shards: Path, weights: Path, world_size: int = 64) -> str:
+    code, out, err = check_in_process(ROOT / "jobs" / spec, "--set", f"data.train={shards}",
+                                      "--set", f"stages.0.teacher.weights={weights}",
+                                      world_size=world_size)
+    assert code == 0, err
+    return " ".join(out.split())  # the table wraps; compare on single spaces
+
+
+def test_fd_clip_vitb(tmp_path, shards):
+    weights = sparse_safetensors(tmp_path / "clip.safetensors", "vit_base_patch16_clip_224")
+    out = check("fd_clip_vitb.yaml", shards, weights)
+    assert "32 per rank x 64 ranks x 1 accumulation = 2048" in out
+    assert "lr 0.0012" in out                       # 3e-4 x 2048 / 512
+    assert "beit_base_patch16_224" in out and "feature x 1.0" in out
+
+
+def test_tinymim_vitb_from_mae_vitl_prunes_the_teacher_after_block_18(tmp_path, shards):
+    weights = sparse_safetensors(tmp_path / "mae_l.safetensors", "vit_large_patch16_224",
+                                 num_classes=0)
+    out = check("tinymim_vitb_from_mae_vitl.yaml", shards, weights)
+    assert "lr 0.0024" in out                       # 1.5e-4 x 4096 / 256
+    assert "blocks.17.attn.qkv" in out
+    assert "blocks.18" in out and "blocks.23" in out  # removed from the teacher
+    assert "(304.33 M params, 228.75 M kept after pruning)" in out
+
+
+def test_tinymim_chain_hands_each_student_to_the_next_stage(tmp_path, shards):
+    weights = sparse_safetensors(tmp_path / "mae_b.safetensors", "vit_base_patch16_224",
+                                 num_classes=0)
+    out = check("tinymim_chain.yaml", shards, weights)
+    assert "stage 1: vit_small" in out and "stage 2: vit_tiny" in out
+    assert "runs/tinymim-chain/vit_small/export/model.safetensors" in out
+    assert "64 per rank x 64 ranks x 1 accumulation = 4096" in out
+
+
+def test_recipes_refuse_the_wrong_world_size(tmp_path, shards):
+    weights = sparse_safetensors(tmp_path / "mae_b.safetensors", "vit_base_patch16_224",
+                                 num_classes=0)
+    code, _, err = check_in_process(ROOT / "jobs" / "tinymim_chain.yaml", "--set",
+                                    f"data.train={shards}", "--set",
+                                    f"stages.0.teacher.weights={weights}", world_size=8)
+    assert code == 2 and "global_batch_size" in err
