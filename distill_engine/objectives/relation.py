@@ -69,11 +69,15 @@ def relation_kl(student_q: torch.Tensor, student_k: torch.Tensor,
     memory is O(B h chunk_rows N) in forward and backward instead of O(B h N^2).
     """
     batch, num_tokens, _ = student_q.shape
-    # Contiguous once here (O(B N C)), not a hidden copy inside every chunk's matmul.
-    student_q, student_k = (split_heads(t.float(), heads).contiguous()
-                            for t in (student_q, student_k))
-    teacher_q, teacher_k = (split_heads(t.detach().float(), heads).contiguous()
-                            for t in (teacher_q, teacher_k))
+
+    def heads_of(tokens):  # contiguous once here (O(B N C)), not a copy in every chunk's matmul
+        return split_heads(tokens.float(), heads).contiguous()
+
+    # The V-V relation passes one tensor as q and k: split it once.
+    same_student, same_teacher = student_k is student_q, teacher_k is teacher_q
+    student_q, teacher_q = heads_of(student_q), heads_of(teacher_q.detach())
+    student_k = student_q if same_student else heads_of(student_k)
+    teacher_k = teacher_q if same_teacher else heads_of(teacher_k.detach())
     student_scale = student_q.shape[-1] ** -0.5
     teacher_scale = teacher_q.shape[-1] ** -0.5
 
