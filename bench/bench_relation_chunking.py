@@ -124,7 +124,8 @@ def main():
     for r in results:
         name = "unchunked" if r["chunk_rows"] is None else f"chunk_rows={r['chunk_rows']}"
         print(f"| {name} | {r['tensor_peak_mib']:.0f} | {r['process_peak_mib']:.0f} | "
-              f"{r['median_s']:.2f} | {r['min_s']:.2f} | {r['median_cpu_s']:.2f} | {r['loss']:.6f} | {r['grad_norm']:.6e} |")
+              f"{r['median_s']:.2f} | {r['min_s']:.2f} | {r['median_cpu_s']:.2f} | "
+              f"{r['loss']:.6f} | {r['grad_norm']:.6e} |")
     print(f"(process baseline ru_maxrss before the loss: {results[0]['baseline_mib']:.0f} MiB)")
 
     unchunked = results[0]

@@ -155,6 +155,8 @@ def test_config_needs_exactly_one_tap_style_per_model():
         RelationConfig(student_qkv="a.qkv", teacher_q="b.q", teacher_k="b.k")
     with pytest.raises(ValidationError):
         RelationConfig(student_qkv="a.qkv", teacher_qkv="b.qkv", chunk_rows=0)
+    with pytest.raises(ValidationError, match="both 0"):
+        RelationConfig(student_qkv="a.qkv", teacher_qkv="b.qkv", qk_weight=0, vv_weight=0)
     cfg = RelationConfig(student_q="a.q", student_k="a.k", student_v="a.v", teacher_qkv="b.qkv")
     assert cfg.student_taps() == ["a.q", "a.k", "a.v"] and cfg.teacher_taps() == ["b.qkv"]
     assert OBJECTIVES["relation"] is RelationDistillation
@@ -219,7 +221,8 @@ def test_objective_on_timm_vits_through_qkv_hooks():
     block_inputs = {}
     for name, model in (("student", student), ("teacher", teacher)):
         block = model.blocks[1 if name == "student" else 2]
-        block.register_forward_pre_hook(lambda m, args, name=name: block_inputs.__setitem__(name, args[0]))
+        block.register_forward_pre_hook(
+            lambda module, args, name=name: block_inputs.__setitem__(name, args[0]))
     with torch.no_grad():
         student(x), teacher(x)
         student_qkv = student.blocks[1].attn.qkv(student.blocks[1].norm1(block_inputs["student"]))
@@ -242,7 +245,8 @@ def test_objective_on_bert_with_separate_projections():
                                             intermediate_size=2 * hidden,
                                             max_position_embeddings=32))
 
-    student_layer, teacher_layer = "encoder.layer.1.attention.self", "encoder.layer.2.attention.self"
+    student_layer = "encoder.layer.1.attention.self"
+    teacher_layer = "encoder.layer.2.attention.self"
     config = RelationConfig(
         student_q=f"{student_layer}.query", student_k=f"{student_layer}.key",
         student_v=f"{student_layer}.value", teacher_q=f"{teacher_layer}.query",
@@ -262,7 +266,8 @@ def test_objective_on_bert_with_separate_projections():
     loss = objective(student_taps, teacher_taps, {})
     sq, sk, sv = (student_taps[t] for t in config.student_taps())
     tq, tk, tv = (teacher_taps[t] for t in config.teacher_taps())
-    expected = reference_relation_kl(sq, sk, tq, tk, 4) + 0.5 * reference_relation_kl(sv, sv, tv, tv, 4)
+    expected = (reference_relation_kl(sq, sk, tq, tk, 4)
+                + 0.5 * reference_relation_kl(sv, sv, tv, tv, 4))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert student.encoder.layer[1].attention.self.query.weight.grad.abs().sum() > 0
@@ -273,7 +278,8 @@ def test_swin_teacher_against_vit_student_is_refused_clearly():
     build_swin = lambda: timm.create_model(  # noqa: E731
         "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=4,
         embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=0)
-    config = RelationConfig(student_qkv="blocks.1.attn.qkv", teacher_qkv="layers.0.blocks.1.attn.qkv")
+    config = RelationConfig(student_qkv="blocks.1.attn.qkv",
+                            teacher_qkv="layers.0.blocks.1.attn.qkv")
     student_shapes, meta_student = meta_tap_shapes(lambda: tiny_vit(48, 3, 2),
                                                    config.student_taps(), images)
     teacher_shapes, meta_teacher = meta_tap_shapes(build_swin, config.teacher_taps(), images)
@@ -282,7 +288,8 @@ def test_swin_teacher_against_vit_student_is_refused_clearly():
         build_objective(config, shapes)
     message = str(error.value)
     assert "teacher's attention at ['layers.0.blocks.1.attn.qkv'] runs per local window" in message
-    assert "blocks.1.attn.qkv" in message and str(list(teacher_shapes["layers.0.blocks.1.attn.qkv"])) in message
+    assert str(list(teacher_shapes["layers.0.blocks.1.attn.qkv"])) in message  # [B*4, 16, 96]
+    assert "student's at ['blocks.1.attn.qkv']" in message
     assert str(list(student_shapes["blocks.1.attn.qkv"])) in message
     # Without the module (only shapes), the batch x windows dimension still gives it away.
     with pytest.raises(ObjectiveError, match="runs per local window"):
@@ -294,7 +301,8 @@ def test_unworkable_shapes_are_refused():
     with pytest.raises(ObjectiveError, match="17 tokens and the teacher 65"):
         build_objective(config, TapShapes({"s.qkv": (2, 17, 144)}, {"t.qkv": (2, 65, 288)}))
     with pytest.raises(ObjectiveError, match="width 40 .* not divisible by 6"):
-        build_objective(config.model_copy(update={"heads": 6}), TapShapes({"s.qkv": (2, 17, 120)}, {"t.qkv": (2, 17, 288)}))
+        build_objective(config.model_copy(update={"heads": 6}),
+                        TapShapes({"s.qkv": (2, 17, 120)}, {"t.qkv": (2, 17, 288)}))
     with pytest.raises(ObjectiveError, match="set 'heads'"):
         build_objective(config, TapShapes({"s.qkv": (2, 17, 144)}, {"t.qkv": (2, 17, 288)}))
     with pytest.raises(ObjectiveError, match=r"needs qkv projection outputs \[B, N, C\]"):

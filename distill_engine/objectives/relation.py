@@ -51,8 +51,10 @@ def _kl_of_rows(student_q_rows: torch.Tensor, student_k: torch.Tensor,
                 student_scale: float, teacher_scale: float) -> torch.Tensor:
     """Sum over the given query rows of KL(T_row || S_row); inputs [B, h, rows|N, d]."""
     # Scaling the [rows, d] queries rather than the [rows, N] products saves an N-wide pass.
-    student_log = torch.log_softmax((student_q_rows * student_scale) @ student_k.transpose(-2, -1), -1)
-    teacher_log = torch.log_softmax((teacher_q_rows * teacher_scale) @ teacher_k.transpose(-2, -1), -1)
+    student_logits = (student_q_rows * student_scale) @ student_k.transpose(-2, -1)
+    teacher_logits = (teacher_q_rows * teacher_scale) @ teacher_k.transpose(-2, -1)
+    student_log = torch.log_softmax(student_logits, -1)
+    teacher_log = torch.log_softmax(teacher_logits, -1)
     return (teacher_log.exp() * (teacher_log - student_log)).sum()
 
 
@@ -82,7 +84,8 @@ def relation_kl(student_q: torch.Tensor, student_k: torch.Tensor,
     teacher_scale = teacher_q.shape[-1] ** -0.5
 
     if chunk_rows is None or chunk_rows >= num_tokens:
-        total = _kl_of_rows(student_q, student_k, teacher_q, teacher_k, student_scale, teacher_scale)
+        total = _kl_of_rows(student_q, student_k, teacher_q, teacher_k,
+                            student_scale, teacher_scale)
     else:
         # Checkpointing keeps only the (cheap) inputs of each block for backward and recomputes
         # the block's [B, h, rows, N] tensors there, one block at a time.
@@ -104,7 +107,10 @@ def tinymim_relation_loss(student_qkv: tuple[torch.Tensor, torch.Tensor, torch.T
                           teacher_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                           heads: int, qk_weight: float = 1.0, vv_weight: float = 1.0,
                           chunk_rows: int | None = None) -> torch.Tensor:
-    """qk_weight * KL(R_QK^T || R_QK^S) + vv_weight * KL(R_VV^T || R_VV^S); (Q, K, V) each [B, N, C]."""
+    """qk_weight * KL(R_QK^T || R_QK^S) + vv_weight * KL(R_VV^T || R_VV^S).
+
+    ``student_qkv`` / ``teacher_qkv``: (Q, K, V), each [B, N, C] (C may differ between models).
+    """
     student_q, student_k, student_v = student_qkv
     teacher_q, teacher_k, teacher_v = teacher_qkv
     loss = student_q.new_zeros((), dtype=torch.float32)
@@ -125,11 +131,13 @@ class RelationConfig(ObjectiveConfig):
     ``encoder.layer.5.attention.self.query`` / ``.key`` / ``.value``)."""
 
     kind: Literal["relation"] = "relation"
-    student_qkv: str | None = Field(None, description="student's fused qkv projection, e.g. its last block")
+    student_qkv: str | None = Field(None, description="student's fused qkv projection, "
+                                    "e.g. its last block's blocks.11.attn.qkv")
     student_q: str | None = None
     student_k: str | None = None
     student_v: str | None = None
-    teacher_qkv: str | None = Field(None, description="teacher's fused qkv projection, e.g. blocks.17.attn.qkv")
+    teacher_qkv: str | None = Field(None, description="teacher's fused qkv projection, "
+                                    "e.g. blocks.17.attn.qkv")
     teacher_q: str | None = None
     teacher_k: str | None = None
     teacher_v: str | None = None
@@ -150,6 +158,8 @@ class RelationConfig(ObjectiveConfig):
             if fused is None and not all(s is not None for s in separate):
                 raise ValueError(f"give {side}_qkv (a fused qkv projection) or all three of "
                                  f"{side}_q, {side}_k, {side}_v (separate projections)")
+        if self.qk_weight == 0 and self.vv_weight == 0:
+            raise ValueError("qk_weight and vv_weight are both 0: the relation loss would be 0")
         return self
 
     def _taps(self, side: str) -> list[str]:
