@@ -51,10 +51,11 @@ def _kl_of_rows(student_q_rows: torch.Tensor, student_k: torch.Tensor,
                 student_scale: float, teacher_scale: float) -> torch.Tensor:
     """Sum over the given query rows of KL(T_row || S_row); inputs [B, h, rows|N, d]."""
     # Scaling the [rows, d] queries rather than the [rows, N] products saves an N-wide pass.
-    student_logits = (student_q_rows * student_scale) @ student_k.transpose(-2, -1)
-    teacher_logits = (teacher_q_rows * teacher_scale) @ teacher_k.transpose(-2, -1)
-    student_log = torch.log_softmax(student_logits, -1)
-    teacher_log = torch.log_softmax(teacher_logits, -1)
+    # No names for the logits: they are freed as soon as log_softmax has read them.
+    student_log = torch.log_softmax(
+        (student_q_rows * student_scale) @ student_k.transpose(-2, -1), dim=-1)
+    teacher_log = torch.log_softmax(
+        (teacher_q_rows * teacher_scale) @ teacher_k.transpose(-2, -1), dim=-1)
     return (teacher_log.exp() * (teacher_log - student_log)).sum()
 
 
