@@ -2,7 +2,7 @@
 
 from .base import (OBJECTIVES, Objective, ObjectiveConfig, ObjectiveError, TapShapes,
                    build_objective, register)
-from . import cross_entropy, feature  # noqa: F401  (registration)
+from . import cross_entropy, feature, relation  # noqa: F401  (registration)
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "ObjectiveError", "TapShapes",
            "build_objective", "register"]
