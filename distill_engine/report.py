@@ -8,6 +8,24 @@ from rich.table import Table
 from .plan import JobPlan
 
 
+def compact(names: list[str]) -> str:
+    """``blocks.18, blocks.19, ..., blocks.23`` -> ``blocks.{18..23}``."""
+    out: list[str] = []
+    run: list[int] = []
+    stem = None
+    for name in names + [""]:
+        head, _, tail = name.rpartition(".")
+        if tail.isdigit() and head == stem and run and int(tail) == run[-1] + 1:
+            run.append(int(tail))
+            continue
+        if run:
+            out.append(f"{stem}.{run[0]}" if len(run) == 1 else f"{stem}.{{{run[0]}..{run[-1]}}}")
+        stem, run = (head, [int(tail)]) if tail.isdigit() else (None, [])
+        if not tail.isdigit() and name:
+            out.append(name)
+    return ", ".join(out)
+
+
 def _millions(count: int) -> str:
     return f"{count / 1e6:.2f} M" if count >= 1e5 else f"{count:,}"
 
@@ -30,15 +48,14 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
                           f"{plan.teacher.weights}")
             table.add_row("teacher taps", ", ".join(plan.teacher_taps) or "-")
             if plan.pruned_teacher:
-                table.add_row("teacher pruned", ", ".join(plan.pruned_teacher[:8]) +
-                              (" ..." if len(plan.pruned_teacher) > 8 else ""))
+                table.add_row("teacher pruned", compact(plan.pruned_teacher))
         init = plan.student_init or "random init"
         table.add_row("student", f"{plan.student.arch} {plan.student.kwargs or ''} "
                       f"({_millions(plan.student_params)} params, heads "
                       f"{_millions(plan.head_params)}); from {init}")
         table.add_row("student taps", ", ".join(plan.student_taps) or "-")
         if plan.frozen_student:
-            table.add_row("student frozen", ", ".join(plan.frozen_student) +
+            table.add_row("student frozen", compact(plan.frozen_student) +
                           " (no objective reaches them)")
         table.add_row("objectives", "; ".join(
             f"{o.label} x {o.weight}" for o in stage.objectives))
