@@ -3,6 +3,7 @@ objective wired to real timm / Hugging Face models through forward hooks."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -139,9 +140,29 @@ def test_chunking_does_not_keep_every_chunks_relations_for_backward():
     # which would add up to as much as unchunked.
     relation_bytes = 2 * 4 * 128 * 128 * 4
     unchunked_saved, _ = _saved_for_backward_bytes(None)
-    chunked_saved, input_bytes = _saved_for_backward_bytes(8)
+    chunked_saved, input_bytes = _saved_for_backward_bytes(32)
     assert unchunked_saved >= 2 * relation_bytes
     assert chunked_saved <= 2 * input_bytes < relation_bytes
+
+
+def _peak_live_tensor_bytes(chunk_rows):
+    """Most bytes held by live torch tensors during one forward + backward (CPU allocation and
+    free events of the profiler, summed in time order)."""
+    student_qkv = torch.randn(2, 256, 3 * 32, requires_grad=True)
+    teacher_qkv = torch.randn(2, 256, 3 * 32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+        tinymim_relation_loss(student_qkv.chunk(3, -1), teacher_qkv.chunk(3, -1), heads=4,
+                              chunk_rows=chunk_rows).backward()
+    events = sorted((e for e in profiler.profiler.kineto_results.events()
+                     if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    return max(itertools.accumulate(e.nbytes() for e in events))
+
+
+def test_chunked_peak_memory_stays_below_one_full_relation():
+    relation_bytes = 2 * 4 * 256 * 256 * 4  # one [B, h, N, N] float32 tensor: 2 MiB
+    assert _peak_live_tensor_bytes(None) > 4 * relation_bytes
+    assert _peak_live_tensor_bytes(16) < relation_bytes
 
 
 # ----------------------------------------------------------------------------- config
