@@ -44,10 +44,9 @@ class ObjectiveConfig(BaseModel):
 
 @dataclass
 class TapShapes:
-    """Shapes (batch included) and owning modules of the taps, from a meta-device forward.
-
-    ``modules`` maps each tap to the module that produced it, so an objective can read
-    attributes such as ``num_heads`` of the attention block that owns a qkv projection.
+    """Shapes (batch included) of the taps, from a meta-device forward, and the meta-built
+    models themselves, so that an objective can read attributes such as ``num_heads`` of
+    the attention module that owns a qkv projection (``model.get_submodule(parent)``).
     """
 
     student: dict[str, tuple[int, ...]] = field(default_factory=dict)
