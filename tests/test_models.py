@@ -1,0 +1,89 @@
+"""Model surgery on meta-device builds: which student parameters are frozen, what the teacher
+loses to pruning, and how a tap error reads."""
+
+import pytest
+import timm
+import torch
+
+from distill_engine import models
+from distill_engine.models import ModelRecipe
+from distill_engine.taps import TapError, Taps
+
+
+def meta(arch: str, **kwargs):
+    with torch.device("meta"):
+        model = timm.create_model(arch, **kwargs)
+    return model, models.trace(model, torch.zeros(1, 3, kwargs.get("img_size", 224),
+                                                  kwargs.get("img_size", 224), device="meta"))
+
+
+SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3}
+
+
+def test_tinymim_student_freezes_everything_after_its_last_qkv():
+    model, trace = meta("vit_tiny_patch16_224", **SMALL, num_classes=10)
+    frozen = set(models.unreachable_parameters(model, trace, ["blocks.2.attn.qkv"]))
+    for name in ("blocks.2.attn.proj.weight", "blocks.2.mlp.fc1.weight", "blocks.2.norm2.weight",
+                 "norm.weight", "head.weight"):
+        assert name in frozen
+    for name in ("blocks.2.attn.qkv.weight", "blocks.2.norm1.weight", "blocks.1.mlp.fc2.bias",
+                 "cls_token", "pos_embed", "patch_embed.proj.weight"):
+        assert name not in frozen
+
+
+def test_beit_qkv_used_functionally_is_not_frozen():
+    # BEiT calls F.linear(x, self.qkv.weight, ...): the qkv module never runs, its weight does.
+    model, trace = meta("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
+                        num_heads=3, num_classes=0, global_pool="token")
+    frozen = models.unreachable_parameters(model, trace, ["norm"])
+    assert not any("qkv" in name for name in frozen)
+
+
+def test_tied_weights_stay_trainable():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.body = torch.nn.Linear(4, 4)
+            self.decoder = torch.nn.Linear(4, 10, bias=True)
+            self.decoder.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.decoder(self.body(self.embed(ids)))
+
+    model = Tied()
+    trace = models.trace(model, torch.zeros(1, 3, dtype=torch.long))
+    assert models.unreachable_parameters(model, trace, ["body"]) == ["decoder.bias"]
+
+
+def test_pruning_cuts_blocks_and_head_and_keeps_the_tap_output():
+    model, trace = meta("vit_tiny_patch16_224", **SMALL, num_classes=10)
+    reference = timm.create_model("vit_tiny_patch16_224", **SMALL, num_classes=10).eval()
+    pruned = timm.create_model("vit_tiny_patch16_224", **SMALL, num_classes=10).eval()
+    pruned.load_state_dict(reference.state_dict())
+    removed = models.prune_after(pruned, trace, ["blocks.1"])
+    assert "blocks.2" in removed and "norm" in removed and "head" in removed
+    assert len(pruned.blocks) == 2
+    x = torch.randn(2, 3, 32, 32)
+    outputs = {}
+    for name, model_ in (("ref", reference), ("pruned", pruned)):
+        taps = Taps(model_, ["blocks.1"])
+        with taps.capture() as captured, torch.no_grad():
+            model_(x)
+        outputs[name] = captured["blocks.1"]
+    torch.testing.assert_close(outputs["pruned"], outputs["ref"])
+
+
+def test_wrong_tap_lists_nearest_names():
+    model, _ = meta("vit_tiny_patch16_224", **SMALL)
+    with pytest.raises(TapError, match="blocks.1.attn.qkv"):
+        Taps(model, ["blocks.1.atn.qkv"])
+
+
+def test_constant_drop_path_spares_the_last_block():
+    recipe = ModelRecipe("timm:vit_tiny_patch16_224", SMALL)
+    model = models.create_student(recipe, 0.1, "constant")
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]
+    assert rates == [0.1, 0.1, 0.0]
+    linear = models.create_student(recipe, 0.1, "linear")
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in linear.blocks] == pytest.approx([0.0, 0.05, 0.1])
