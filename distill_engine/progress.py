@@ -15,12 +15,29 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-console = Console(stderr=True)
+import sys
+
+# Cluster logs are files, not terminals: give tables room rather than rich's 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+class _DropKnownNoise(logging.Filter):
+    """Warnings DeepSpeed emits on every healthy run (its warm-up schedulers are asked for
+    a learning rate at construction)."""
+
+    NOISE = ("Attempting to get learning rate from scheduler before it has started",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
 
 
 def setup_logging(rank: int) -> None:
     """Rank 0 logs at INFO through rich; other ranks only warnings and errors. DeepSpeed's
-    own INFO chatter is silenced everywhere."""
+    own INFO chatter is silenced everywhere, and so are deprecation notices that torch
+    raises inside DeepSpeed's collectives on every call."""
+    import warnings
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated",
+                            category=FutureWarning)
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
@@ -29,6 +46,7 @@ def setup_logging(rank: int) -> None:
     try:
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
+        ds_logger.addFilter(_DropKnownNoise())
     except ImportError:
         pass
 

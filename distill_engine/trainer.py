@@ -239,7 +239,7 @@ class StageTrainer:
             save_file(probe, str(plan.export_dir / "probe.safetensors"))
         summary = {
             "stage": self.spec.name,
-            "teacher": plan.teacher.arch if plan.teacher else None,
+            "teacher": self.spec.teacher.arch if self.spec.teacher else None,
             "teacher_weights": str(plan.teacher.weights) if plan.teacher else None,
             "student": plan.student.arch, "steps": self.total_steps,
             "first_loss": first_loss, "last_loss": None, "accuracy": accuracy,

@@ -63,10 +63,14 @@ def train(job, stop_after: int | None) -> int:
     from distill_engine.progress import console, setup_logging, summary_table
     from distill_engine.trainer import NonFiniteLoss, run_job
 
+    setup_logging(int(os.environ.get("RANK", "0")))
+    if os.environ.get("RANK", "0") != "0":
+        # Other ranks stay quiet: DeepSpeed's op loaders print to stdout on every rank.
+        # Warnings and errors go to stderr, which stays open.
+        sys.stdout = open(os.devnull, "w")
     timeout = datetime.timedelta(seconds=min(s.deepspeed.timeout_s for s in job.spec.stages))
     deepspeed.init_distributed(timeout=timeout)
     rank = dist.get_rank()
-    setup_logging(rank)
     try:
         rows = run_job(job, stop_after)
     except (WeightsError, DataError, NonFiniteLoss) as err:

@@ -1,6 +1,6 @@
 """A CPU-sized twin of TinyMIM's sequential chain, on 2 real ZeRO-3 ranks:
 "ViT-B" -> "ViT-S" with relation and feature objectives combined, then "ViT-S" -> "ViT-T"
-with the first stage's exported student as the teacher."""
+(activation checkpointing on) with the first stage's exported student as the teacher."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def chain_run(tmp_path_factory) -> Path:
                                        "teacher_tap": "blocks.1", "weight": 0.5}]},
             {"name": "vit_tiny",
              "teacher": {"arch": "stage:vit_small", "dtype": "fp32"},
-             "student": {"arch": "timm:vit_tiny_patch16_224", "kwargs": VIT_T, "dtype": "fp32"},
+             # Activation checkpointing on, with the tap inside a checkpointed block.
+             "student": {"arch": "timm:vit_tiny_patch16_224", "kwargs": VIT_T, "dtype": "fp32",
+                         "grad_checkpointing": True},
              "objectives": [relation]},
         ],
     }
