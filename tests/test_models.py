@@ -87,3 +87,38 @@ def test_constant_drop_path_spares_the_last_block():
     assert rates == [0.1, 0.1, 0.0]
     linear = models.create_student(recipe, 0.1, "linear")
     assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in linear.blocks] == pytest.approx([0.0, 0.05, 0.1])
+
+
+def test_hugging_face_models_from_local_directories_plan_with_separate_qkv_taps(tmp_path):
+    """hf:DIR architectures: built from a local config (no hub), pruned and frozen like timm's."""
+    import yaml
+    from safetensors.torch import save_file
+    from transformers import AutoModel, BertConfig
+
+    from launch_main import check_in_process
+
+    for name, (width, heads) in {"teacher": (64, 4), "student": (32, 2)}.items():
+        BertConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
+                   intermediate_size=4 * width, vocab_size=100).save_pretrained(tmp_path / name)
+    teacher = AutoModel.from_config(BertConfig.from_pretrained(tmp_path / "teacher"))
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()},
+              str(tmp_path / "teacher.safetensors"))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text("{}")
+    attention = "encoder.layer.1.attention.self"
+    taps = {f"{side}_{p}": f"{attention}.{proj}" for side in ("teacher", "student")
+            for p, proj in (("q", "query"), ("k", "key"), ("v", "value"))}
+    spec = {"name": "hf", "run_dir": str(tmp_path / "run"),
+            "data": {"train": str(tmp_path / "shards"), "micro_batch_size": 4},
+            "optimisation": {"lr": 1e-4, "steps": 3},
+            "stages": [{"name": "relation",
+                        "teacher": {"arch": f"hf:{tmp_path / 'teacher'}",
+                                    "weights": str(tmp_path / "teacher.safetensors")},
+                        "student": {"arch": f"hf:{tmp_path / 'student'}"},
+                        "objectives": [{"kind": "relation", **taps}]}]}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    code, out, err = check_in_process(tmp_path / "job.yaml")
+    assert code == 0, err
+    text = " ".join(out.replace("│", " ").split())
+    assert "teacher pruned encoder.layer.1.attention.output, encoder.layer.1.intermediate" in text
+    assert "student frozen encoder.layer.1.attention.output" in text
