@@ -223,11 +223,6 @@ def prune_after(model: nn.Module, trace: Trace, taps: Iterable[str]) -> list[str
     return removed
 
 
-def without_pruned(names: Iterable[str], removed: Iterable[str]) -> list[str]:
-    prefixes = tuple(r + "." for r in removed)
-    return [n for n in names if not n.startswith(prefixes)]
-
-
 # ---------------------------------------------------------------------------- weights
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

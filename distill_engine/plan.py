@@ -23,7 +23,7 @@ from . import models
 from .models import ModelRecipe
 from .objectives import ObjectiveError, TapShapes, build_objective
 from .spec import JobHeader, JobSpec, StageSpec, with_stage_defaults
-from .taps import OUTPUT, tap_problem
+from .taps import tap_problem
 
 EXPORT_DIR = "export"
 

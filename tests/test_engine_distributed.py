@@ -8,7 +8,6 @@ after 6 steps and resumed by running the same command again.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
