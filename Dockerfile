@@ -2,7 +2,8 @@
 #   docker build -t distill-engine .
 #   docker run --gpus all --ipc=host -v /data:/data -v $PWD/runs:/work/runs distill-engine \
 #       --num_gpus 8 launch/run.py --spec jobs/fd_clip_vitb.yaml
-FROM nvidia/cuda:13.0.0-cudnn-devel-ubuntu24.04
+# Ubuntu 22.04 ships python3.11 (the version the pins are tested with); 24.04 does not.
+FROM nvidia/cuda:13.0.0-cudnn-devel-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN apt-get update && apt-get install -y --no-install-recommends \
