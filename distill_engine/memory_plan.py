@@ -139,6 +139,18 @@ def model_facts(model: nn.Module, trace: models.Trace) -> ModelFacts:
               and not isinstance(module, ALIASING_LEAVES)}
     leaf_sizes = {name: _elements(trace.shapes[name]) for name in leaves}
     blocks = [b for b in _repeated_blocks(model) if b in trace.shapes]
+    # Tensors made between layers, which no leaf returns: a block's two residual sums, and
+    # an attention's output before its projection (and its head-merged copy).
+    for b in blocks:
+        leaf_sizes[f"{b}.(residual sums)"] = 2 * _elements(trace.shapes[b])
+    for name, module in model.named_modules():
+        if hasattr(module, "qkv") and name in trace.shapes:
+            leaf_sizes[f"{name}.(attention output)"] = 2 * _elements(trace.shapes[name])
+    # Attention that materialises its maps (Swin V2's cosine attention; not fused attention,
+    # whose attn_drop never runs) keeps scores, biased scores and softmax for the backward.
+    for name, shape in trace.shapes.items():
+        if name.endswith("attn_drop"):
+            leaf_sizes[f"{name}.(attention maps)"] = 3 * _elements(shape)
     inside = {b: sum(s for n, s in leaf_sizes.items() if n.startswith(b + ".")) for b in blocks}
     in_any_block = {n for n in leaf_sizes if any(n.startswith(b + ".") for b in blocks)}
     largest_layer = max((sum(p.numel() for p in m.parameters(recurse=False))
