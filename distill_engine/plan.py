@@ -168,6 +168,7 @@ class JobPlan:
     spec: JobSpec
     source: str
     stages: list[StagePlan]
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _is_local(url: str) -> bool:
@@ -394,8 +395,18 @@ def _check_weights(model: torch.nn.Module, path: Path, where: str,
         problems.append((where, problem))
 
 
+def _is_missing_input(problem: tuple[str, str]) -> bool:
+    """A weights file or shard directory that is not here (yet)."""
+    path, message = problem
+    return (path.endswith((".teacher.weights", ".student.init", ".data.train", ".data.eval"))
+            and ("does not exist" in message or "a teacher needs weights" in message))
+
+
 def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 1,
-              check_models: bool = True) -> JobPlan:
+              check_models: bool = True, missing_inputs_ok: bool = False) -> JobPlan:
+    """``missing_inputs_ok`` (memory planning) turns missing weights files and shard
+    directories into warnings: a memory plan needs shapes only, and paper-scale specs name
+    weights and data that live on the cluster."""
     source = str(path)
     raw = with_stage_defaults(apply_overrides(read_yaml(path), list(overrides or []), source))
     problems: list[tuple[str, str]] = []
@@ -421,10 +432,12 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
             if plan is not None:
                 _check_models(plan, problems)
                 _check_teacher_weights(plan, problems)
+    warnings = [p for p in problems if missing_inputs_ok and _is_missing_input(p)]
+    problems = [p for p in problems if p not in warnings]
     if problems or header is None:
         raise SpecError(source, _unique(problems))
     spec = JobSpec.model_construct(**{**header.model_dump(), "stages": stages})
-    return JobPlan(spec, source, plans)
+    return JobPlan(spec, source, plans, _unique(warnings))
 
 
 def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -1,7 +1,8 @@
 """Entry point: ``deepspeed [--num_gpus N | --hostfile H] launch/run.py --spec JOB.yaml``.
 
 Also ``python launch/run.py --spec JOB.yaml`` for one process, ``--check`` to validate and
-print the resolved plan without training. Exit codes: 0 done, 2 bad spec, 1 a failure
+print the resolved plan without training, ``--plan [--gpu-memory 80GB]`` to estimate
+memory per GPU at ``--world-size`` GPUs. Exit codes: 0 done, 2 bad spec, 1 a failure
 while running (bad weights, bad data, non-finite loss), each with a one-paragraph message.
 """
 
@@ -26,6 +27,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field, e.g. --set stages.0.optimisation.lr=1e-3")
     parser.add_argument("--check", action="store_true", help="validate and print the plan")
+    parser.add_argument("--plan", action="store_true",
+                        help="estimate memory per GPU at --world-size GPUs (meta device only; "
+                             "missing weights and shards are warnings)")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="with --plan: memory of one GPU, e.g. 80GB; says whether the job "
+                             "fits and, if not, which setting would make it fit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to check batch arithmetic against (default: $WORLD_SIZE or 1)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
@@ -43,11 +50,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from distill_engine.plan import SpecError, load_plan
     try:
-        job = load_plan(args.spec, args.set, world_size)
+        job = load_plan(args.spec, args.set, world_size, missing_inputs_ok=args.plan)
     except SpecError as err:
         if is_first_rank:
             print(err, file=sys.stderr)
         return 2
+    if args.plan:
+        from distill_engine.memory_plan import parse_bytes, plan_job, print_memory
+        for where, message in job.warnings:
+            print(f"warning: {where}: {message} (a memory plan needs shapes only)", file=sys.stderr)
+        gpu_memory = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+        return 0 if print_memory(plan_job(job, world_size, gpu_memory), gpu_memory) else 3
     if args.check:
         from distill_engine.report import print_plan
         print_plan(job)

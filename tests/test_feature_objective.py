@@ -43,3 +43,14 @@ def test_fd_projection_maps_student_width_to_teacher_width():
     objective = build_objective(FeatureConfig(student_tap="blocks.3"), shapes)
     assert objective.projection.weight.shape == (192, 64)
     assert objective.projection.bias is not None
+
+
+def test_fd_on_a_swin_token_grid_equals_fd_on_the_flattened_tokens():
+    torch.manual_seed(2)
+    grid = build_objective(FeatureConfig(), TapShapes(student={"norm": (2, 3, 3, 8)},
+                                                      teacher={"norm": (2, 3, 3, 16)}))
+    student, teacher = torch.randn(2, 3, 3, 8) * 3, torch.randn(2, 3, 3, 16)
+    got = grid({"norm": student}, {"norm": teacher}, {})
+    want = reference_fd_loss(student.flatten(1, 2), grid.projection.weight, grid.projection.bias,
+                             teacher.flatten(1, 2))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -47,16 +47,18 @@ class FeatureDistillation(Objective):
         super().__init__(config, shapes)
         s_shape = shapes.student[config.student_tap]
         t_shape = shapes.teacher[config.teacher_tap]
-        if len(s_shape) != 3 or len(t_shape) != 3:
+        # [B, N, C] tokens (ViT) or a channels-last [B, H, W, C] grid (Swin's last stage):
+        # the projection, the whitening and the mean all act on the last axis / all elements.
+        if len(s_shape) not in (3, 4) or len(t_shape) not in (3, 4):
             raise ObjectiveError(
-                f"feature distillation needs token maps [B, N, C]; student tap "
+                f"feature distillation needs token maps [B, N, C] or [B, H, W, C]; student tap "
                 f"{config.student_tap!r} gives {list(s_shape)}, teacher tap "
                 f"{config.teacher_tap!r} gives {list(t_shape)}")
-        if s_shape[1] != t_shape[1]:
+        if s_shape[1:-1] != t_shape[1:-1]:
             raise ObjectiveError(
-                f"student tap {config.student_tap!r} has {s_shape[1]} tokens but teacher tap "
-                f"{config.teacher_tap!r} has {t_shape[1]}; give both models the same patch "
-                f"grid (image size / patch size) and the same number of prefix tokens")
+                f"student tap {config.student_tap!r} has tokens {list(s_shape[1:-1])} but teacher "
+                f"tap {config.teacher_tap!r} has {list(t_shape[1:-1])}; give both models the same "
+                f"patch grid (image size / patch size) and the same number of prefix tokens")
         # The paper's 1x1 conv over the token map is a per-token linear layer with bias.
         self.projection = nn.Linear(s_shape[-1], t_shape[-1], bias=True)
 

@@ -1,0 +1,211 @@
+"""What the benchmarks share: peak memory, one-process DeepSpeed, small FD jobs, medians,
+and writing a result into BENCHMARKS.md.
+
+Timings on this shared 2-core machine are noisy, so every speed figure is a ratio against a
+baseline measured in the same run, interleaved, median of the repetitions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import socket
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = "2 cores, 24 GiB, no GPU (CPU ranks, gloo)"
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+# ---------------------------------------------------------------------------- memory
+
+def _status(field: str) -> int:
+    """A VmXXX field of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def rss() -> int:
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    """The high-water mark of resident memory (VmHWM) since the last ``reset_peak``."""
+    return _status("VmHWM")
+
+
+def reset_peak() -> None:
+    """Resets VmHWM to the current RSS (Linux: ``5`` into clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def trim() -> None:
+    """Gives freed heap back to the OS, so that the next peak starts from what is live."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+GiB = 1024 ** 3
+
+
+# ---------------------------------------------------------------------------- DeepSpeed
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """DeepSpeed's process group: as launched by ``deepspeed``, or this one process alone."""
+    import deepspeed
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def remove_shm_buffers() -> None:
+    """DeepSpeed's CPU all-reduce leaves a buffer per rank in /dev/shm; remove ours."""
+    port = os.environ.get("MASTER_PORT")
+    if port:
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
+
+
+def launch(script: Path, *args: str, ranks: int = 2, timeout: int = 900) -> str:
+    """``deepspeed --num_gpus N script args``: real CPU ranks; returns stdout."""
+    import subprocess
+    port = free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parents[1] / "torch_extensions"))
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
+               "--master_port", str(port), str(script), *args]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=timeout)
+    finally:
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+# ---------------------------------------------------------------------------- FD jobs
+
+def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batch: int,
+           size: int, dtype: str = "fp32", checkpointing: bool = False,
+           arch: str = "timm:vit_tiny_patch16_224", world_size: int = 1,
+           student_config: str = "ds_configs/student_zero3.json"):
+    """A one-stage FD job (random-weights teacher saved to ``work``) and its plan."""
+    import timm
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from distill_engine.plan import load_plan
+    work.mkdir(parents=True, exist_ok=True)
+    weights = work / "teacher.safetensors"
+    if not weights.exists():
+        torch.manual_seed(0)
+        model = timm.create_model(arch.split(":", 1)[1], **teacher)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    (work / "shards").mkdir(exist_ok=True)  # never read: the benchmarks feed fixed batches
+    spec = {
+        "name": "bench", "run_dir": str(work / "run"), "seed": 0,
+        "data": {"train": str(work / "shards"), "micro_batch_size": batch, "num_workers": 0,
+                 "views": {"geometry": {"size": size}}},
+        "optimisation": {"lr": 1e-4, "steps": 1000, "warmup_steps": 10, "grad_clip": 3.0},
+        "stages": [{
+            "name": "fd",
+            "teacher": {"arch": arch, "kwargs": teacher, "weights": str(weights), "dtype": dtype},
+            "student": {"arch": arch, "kwargs": student, "dtype": dtype,
+                        "grad_checkpointing": checkpointing},
+            "deepspeed": {"student_config": str(ROOT / student_config),
+                          "teacher_config": str(ROOT / "ds_configs/teacher_zero3_inference.json")},
+            "objectives": [{"kind": "feature", "student_tap": "norm", "teacher_tap": "norm"}],
+        }],
+    }
+    path = work / "job.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return load_plan(path, world_size=world_size)
+
+
+# ---------------------------------------------------------------------------- results
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def command_line() -> str:
+    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
+                                 if Path(sys.argv[0]).resolve().is_relative_to(ROOT)
+                                 else sys.argv[0], *sys.argv[1:]])
+
+
+def record(title: str, body: str, command: str | None = None) -> None:
+    """Replaces (or appends) the ``## title`` section of BENCHMARKS.md with this result."""
+    import torch
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = (f"## {title}\n\nCommand: `{command or command_line()}`\n\n"
+               f"Machine: {MACHINE}; torch {torch.__version__}, Python "
+               f"{platform.python_version()}. Date: {datetime.date.today().isoformat()}. "
+               f"Speed figures are ratios measured side by side in one run (the machine is "
+               f"shared).\n\n{body.strip()}\n\n")
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def fixed_batches(batch: int, size: int, seed: int = 0):
+    """The same random image batch forever: the engine, not the data, is measured."""
+    import itertools
+    import torch
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return itertools.repeat({"image": images})
+
+
+def engine_trainer(job, plan, batches):
+    """A StageTrainer with the real engines (as ``setup`` builds them) fed ``batches``
+    instead of a shard stream."""
+    from distill_engine.engines import build_student, build_teacher
+    from distill_engine.trainer import StageTrainer
+    trainer = StageTrainer(job, plan)
+    trainer.teacher = trainer.teacher_dtype = None
+    if plan.teacher is not None:
+        trainer.teacher, trainer.teacher_dtype = build_teacher(plan, job.spec.seed)
+    trainer.student, trainer.student_dtype = build_student(plan, 1000, job.spec.seed)
+    trainer.step = 0
+    trainer.batches = batches
+    return trainer
+
+
+def measured(stdout: str) -> list[dict[str, Any]]:
+    """The ``MEASURED {json}`` lines of measure_memory.py, one per rank, by rank."""
+    import json
+    rows = [json.loads(line.split("MEASURED ", 1)[1]) for line in stdout.splitlines()
+            if "MEASURED " in line]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def measure_memory(job_file: Path, *, ranks: int = 1, steps: int = 2,
+                   teacher_only: bool = False, timeout: int = 900) -> list[dict[str, Any]]:
+    args = ["--job", str(job_file), "--steps", str(steps)] + (["--teacher-only"] if teacher_only else [])
+    script = Path(__file__).resolve().parent / "measure_memory.py"
+    return measured(launch(script, *args, ranks=ranks, timeout=timeout))

@@ -1,0 +1,378 @@
+"""``--plan``: memory per GPU for a job at N GPUs, estimated from meta-device models.
+
+Nothing here touches weights or data: the models are the meta-device builds that
+``load_plan`` already made (so a spec whose weights files do not exist yet can be planned),
+and activations come from the output shapes of one meta-device forward, times the
+micro-batch.
+
+Per rank, for each stage:
+
+- teacher shard: the (pruned) teacher's parameters / N under ZeRO-3, plus the gathered
+  working set (the largest layer and the prefetch bucket);
+- teacher activations: a no-grad forward frees as it goes, so about two layer outputs live
+  at once, plus the taps that are kept for the loss;
+- student model states: DeepSpeed's own estimators
+  (``estimate_zero3_model_states_mem_needs`` / ``estimate_zero2_model_states_mem_needs``,
+  which count 16-bit mixed precision with Adam); an fp32 student, which those do not cover,
+  is counted as 4 B parameters + 4 B gradients + 8 B Adam states per parameter, sharded as
+  the stage shards them;
+- student activations: without checkpointing, every layer output of the forward is kept
+  for the backward; with it, only each block's input is kept, and one block at a time is
+  recomputed;
+- communication buffers: the reduce bucket and the all-gather / prefetch buckets named in
+  the resolved DeepSpeed config.
+
+What it does not count: CUDA context and allocator fragmentation (the budget is therefore
+90% of the GPU's memory), framework workspaces (cuBLAS, attention kernels), the data
+loader. ``tests/test_memory_plan.py`` compares the estimate with the peak memory measured
+on CPU ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import models
+from .plan import JobPlan, StagePlan
+from .spec import deep_merge
+
+GiB = 1024 ** 3
+USABLE_FRACTION = 0.9          # headroom for CUDA context and allocator fragmentation
+OBJECTIVE_COPIES = 4           # fp32 copies of a tap an objective makes (cast, whiten, diff, loss)
+# Leaves whose output aliases their input (or, for dropout, is at most a 1-byte mask).
+ALIASING_LEAVES = (nn.Identity, nn.Dropout)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80GiB', '24G', '512MB' -> bytes. GB is taken as GiB, as GPU vendors mean it
+    ('80GB' H100s have 80 GiB)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GB)")
+    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
+
+
+def gib(count: float) -> str:
+    return f"{count / GiB:.2f} GiB" if count >= GiB / 10 else f"{count / 1024 ** 2:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs the advice can turn; everything else comes from the spec."""
+
+    world_size: int
+    micro_batch: int
+    checkpointing: bool
+    zero_stage: int
+    offload_optimizer: bool
+    param_bytes: int                   # student parameters and activations: 2 (bf16) or 4
+    teacher_bytes: int
+
+
+@dataclass(frozen=True)
+class DeepSpeedKnobs:
+    """What the resolved DeepSpeed configs say about buffers (element counts)."""
+
+    reduce_bucket: int
+    allgather_bucket: int
+    student_prefetch: int
+    teacher_prefetch: int
+
+
+def resolved_zero(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    import json
+    config = deep_merge(json.loads(Path(path).read_text()), overrides)
+    return config.get("zero_optimization", {})
+
+
+def dtype_bytes(choice: str, accelerator_bf16: bool) -> int:
+    """``auto`` is bf16 on GPUs (the planner plans for GPUs), fp32 where bf16 is missing."""
+    return 2 if choice == "bf16" or (choice == "auto" and accelerator_bf16) else 4
+
+
+# ---------------------------------------------------------------------------- model facts
+
+@dataclass
+class ModelFacts:
+    """Per-sample element counts from one meta-device forward, and parameter counts."""
+
+    params: int
+    largest_layer: int                 # parameters of the largest leaf module
+    leaf_outputs: int                  # every non-aliasing leaf output, summed
+    largest_leaf_output: int
+    blocks: int                        # number of checkpointable blocks
+    block_outputs: int                 # their outputs, summed
+    largest_block_leaves: int          # the leaf outputs inside the largest block
+    outside_blocks: int                # leaf outputs not inside any block
+    supports_checkpointing: bool
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if shape else 0  # per sample: the trace ran batch 1
+
+
+def _repeated_blocks(model: nn.Module) -> list[str]:
+    """The innermost repeated units (``blocks.3``, ``stages.2.blocks.7``): children of a
+    ModuleList/Sequential, indexed by number, holding no such units themselves. These are
+    what timm's ``set_grad_checkpointing`` checkpoints."""
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            candidates += [f"{name}.{child}" if name else child
+                           for child, _ in module.named_children() if child.isdigit()]
+    candidates = [c for c in candidates if any(True for _ in model.get_submodule(c).parameters())]
+    return [c for c in candidates if not any(o.startswith(c + ".") for o in candidates)]
+
+
+def model_facts(model: nn.Module, trace: models.Trace) -> ModelFacts:
+    leaves = {name: module for name, module in model.named_modules()
+              if not any(True for _ in module.children()) and name in trace.shapes
+              and not isinstance(module, ALIASING_LEAVES)}
+    leaf_sizes = {name: _elements(trace.shapes[name]) for name in leaves}
+    blocks = [b for b in _repeated_blocks(model) if b in trace.shapes]
+    # Tensors made between layers, which no leaf returns: a block's two residual sums, and
+    # an attention's output before its projection (and its head-merged copy).
+    for b in blocks:
+        leaf_sizes[f"{b}.(residual sums)"] = 2 * _elements(trace.shapes[b])
+    for name, module in model.named_modules():
+        if hasattr(module, "qkv") and name in trace.shapes:
+            leaf_sizes[f"{name}.(attention output)"] = 2 * _elements(trace.shapes[name])
+    # Attention that materialises its maps (Swin V2's cosine attention; not fused attention,
+    # whose attn_drop never runs) keeps scores, biased scores and softmax for the backward.
+    for name, shape in trace.shapes.items():
+        if name.endswith("attn_drop"):
+            leaf_sizes[f"{name}.(attention maps)"] = 3 * _elements(shape)
+    inside = {b: sum(s for n, s in leaf_sizes.items() if n.startswith(b + ".")) for b in blocks}
+    in_any_block = {n for n in leaf_sizes if any(n.startswith(b + ".") for b in blocks)}
+    largest_layer = max((sum(p.numel() for p in m.parameters(recurse=False))
+                         for m in model.modules()), default=0)
+    return ModelFacts(
+        params=sum(p.numel() for p in model.parameters()),
+        largest_layer=largest_layer,
+        leaf_outputs=sum(leaf_sizes.values()),
+        largest_leaf_output=max(leaf_sizes.values(), default=0),
+        blocks=len(blocks),
+        block_outputs=sum(_elements(trace.shapes[b]) for b in blocks),
+        largest_block_leaves=max(inside.values(), default=0),
+        outside_blocks=sum(s for n, s in leaf_sizes.items() if n not in in_any_block),
+        supports_checkpointing=hasattr(model, "set_grad_checkpointing") and bool(blocks),
+    )
+
+
+def traced_facts(model: nn.Module, recipe: models.ModelRecipe, image_size: int) -> ModelFacts:
+    """Facts of a meta-device model (a fresh trace: the plan keeps only the teacher's)."""
+    model.train()  # drop path and dropout as in training (and as trace shapes are the same)
+    return model_facts(model, models.trace(model, models.example_input(model, recipe, image_size)))
+
+
+# ---------------------------------------------------------------------------- estimate
+
+@dataclass
+class Line:
+    what: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class StageMemory:
+    stage: str
+    settings: Settings
+    lines: list[Line]
+    budget: float | None               # usable bytes per GPU, or None when not asked
+    advice: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(line.bytes for line in self.lines)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+
+def student_model_states(params: int, largest_layer: int, s: Settings) -> tuple[float, str]:
+    """Parameters + gradients + Adam states per rank, by DeepSpeed's estimators for 16-bit
+    mixed precision, by our own byte count for fp32 (which they do not cover)."""
+    n = s.world_size
+    nodes, per_node = (n // 8, 8) if n > 8 and n % 8 == 0 else (1, n)
+    if s.param_bytes == 2:
+        if s.zero_stage == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+            _, device, _ = estimate_zero3_model_states_mem_needs(
+                params, largest_layer, num_gpus_per_node=per_node, num_nodes=nodes,
+                cpu_offload=s.offload_optimizer, cpu_offload_params=False, zero_init=True)
+            return device, "DeepSpeed estimate_zero3_model_states_mem_needs"
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        _, device = estimate_zero2_model_states_mem_needs(
+            params, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=s.offload_optimizer)
+        return device, "DeepSpeed estimate_zero2_model_states_mem_needs"
+    # fp32: 4 B parameters, 4 B gradients, 8 B Adam moments; offload moves the moments off.
+    optimizer = 0 if s.offload_optimizer else 8
+    if s.zero_stage == 3:
+        return 4 * largest_layer + (8 + optimizer) * params / n, "fp32: (4+4+8) B/param / N"
+    return 4 * params + (4 + optimizer) * params / n, "fp32: 4 B/param + (4+8) B/param / N"
+
+
+def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFacts | None,
+             knobs: DeepSpeedKnobs, budget: float | None) -> StageMemory:
+    lines: list[Line] = []
+    b = s.micro_batch
+    if teacher is not None:
+        shard = teacher.params * s.teacher_bytes / s.world_size
+        working = (teacher.largest_layer + min(knobs.teacher_prefetch, teacher.params)) * s.teacher_bytes
+        lines.append(Line("teacher shard", shard + working,
+                          f"{teacher.params / 1e6:,.0f} M params x {s.teacher_bytes} B / "
+                          f"{s.world_size} + gathered layer and prefetch bucket"))
+        taps = sum(_elements(shape) for shape in plan.tap_shapes.teacher.values())
+        live = (2 * teacher.largest_leaf_output + taps) * b * s.teacher_bytes
+        lines.append(Line("teacher activations", live, "no-grad forward: ~2 layer outputs live, "
+                          "plus the taps kept for the loss"))
+        lines.append(Line("objective", OBJECTIVE_COPIES * taps * b * 4,
+                          f"{OBJECTIVE_COPIES} fp32 copies of the teacher taps"))
+    states, how = student_model_states(student.params, student.largest_layer, s)
+    offload = ", optimizer offloaded to CPU" if s.offload_optimizer else ""
+    lines.append(Line("student params+grads+Adam", states,
+                      f"{student.params / 1e6:,.1f} M params, ZeRO-{s.zero_stage}{offload}; {how}"))
+    if s.checkpointing:
+        kept = student.block_outputs + student.outside_blocks + student.largest_block_leaves
+        note = (f"checkpointed: {student.blocks} block inputs + one block recomputed + "
+                "layers outside blocks")
+    else:
+        kept = student.leaf_outputs
+        note = "every layer output kept for the backward"
+    lines.append(Line("student activations", kept * b * s.param_bytes, f"{note}; micro-batch {b}"))
+    grad_bytes = s.param_bytes
+    comm = min(knobs.reduce_bucket, student.params) * grad_bytes
+    if s.zero_stage == 3:
+        comm += min(knobs.student_prefetch, student.params) * s.param_bytes
+        comm_note = "reduce bucket + student prefetch bucket"
+    else:
+        comm += min(knobs.allgather_bucket, student.params) * s.param_bytes
+        comm_note = "reduce bucket + all-gather bucket"
+    lines.append(Line("communication buffers", comm, comm_note))
+    return StageMemory(plan.name, s, lines, budget)
+
+
+# ---------------------------------------------------------------------------- advice
+
+def advise(plan: StagePlan, memory: StageMemory, student: ModelFacts,
+           teacher: ModelFacts | None, knobs: DeepSpeedKnobs) -> list[str]:
+    """Single changes that make a stage fit, cheapest first."""
+    s, budget = memory.settings, memory.budget
+
+    def fits(**change: Any) -> bool:
+        return estimate(plan, replace(s, **change), student, teacher, knobs, budget).fits
+
+    advice = []
+    if not s.checkpointing and student.supports_checkpointing and fits(checkpointing=True):
+        advice.append("turn on activation checkpointing (student.grad_checkpointing: true)")
+    for micro in (s.micro_batch // 2 ** k for k in range(1, 12)):
+        if micro >= 1 and fits(micro_batch=micro):
+            accumulation = math.ceil(s.micro_batch / micro)
+            advice.append(f"micro-batch {micro} (data.micro_batch_size) with "
+                          f"gradient_accumulation_steps x{accumulation} for the same global batch")
+            break
+    if s.zero_stage != 3 and fits(zero_stage=3):
+        advice.append("shard the student's parameters too: ZeRO-3 (ds_configs/student_zero3.json)")
+    if not s.offload_optimizer and fits(offload_optimizer=True):
+        advice.append("offload the optimizer to CPU memory (ds_configs/student_zero3_offload.json)")
+    for world in (s.world_size * 2 ** k for k in range(1, 13)):
+        if fits(world_size=world):
+            advice.append(f"{world} GPUs (--num_gpus / hostfile)")
+            break
+    if not advice:
+        together = replace(s, checkpointing=student.supports_checkpointing, micro_batch=1,
+                           zero_stage=3, offload_optimizer=True)
+        if estimate(plan, together, student, teacher, knobs, budget).fits:
+            advice.append("no single change is enough; checkpointing + micro-batch 1 + ZeRO-3 "
+                          "+ optimizer offload together fit")
+        else:
+            advice.append("even checkpointing + micro-batch 1 + ZeRO-3 + offload do not fit: "
+                          "more GPUs with those settings, or a GPU with more memory")
+    return advice
+
+
+def plan_stage(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
+               accelerator_bf16: bool = True) -> StageMemory:
+    stage = plan.spec
+    size = stage.data.views.geometry.size
+    with torch.device("meta"):
+        student_model = models.create_model(plan.student, drop_path_rate=stage.student.drop_path_rate)
+    student = traced_facts(student_model, plan.student, size)
+    teacher = None
+    if plan.teacher is not None:
+        teacher_model = plan.tap_shapes.teacher_model  # already pruned to the deepest tap
+        teacher = traced_facts(teacher_model, plan.teacher, size)
+    # Objective heads (the FD projection) train with the student.
+    student = replace(student, params=student.params + plan.head_params)
+    zero_s = resolved_zero(stage.deepspeed.student_config, stage.deepspeed.student_overrides)
+    zero_t = resolved_zero(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides)
+    knobs = DeepSpeedKnobs(
+        reduce_bucket=int(zero_s.get("reduce_bucket_size", 5e8)),
+        allgather_bucket=int(zero_s.get("allgather_bucket_size", 5e8)),
+        student_prefetch=int(zero_s.get("stage3_prefetch_bucket_size", 5e7)),
+        teacher_prefetch=int(zero_t.get("stage3_prefetch_bucket_size", 5e7)))
+    offload = zero_s.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    settings = Settings(
+        world_size=world_size, micro_batch=stage.data.micro_batch_size,
+        checkpointing=stage.student.grad_checkpointing, zero_stage=int(zero_s.get("stage", 0)),
+        offload_optimizer=offload,
+        param_bytes=dtype_bytes(stage.student.dtype, accelerator_bf16),
+        teacher_bytes=dtype_bytes(stage.teacher.dtype if stage.teacher else "auto", accelerator_bf16))
+    budget = gpu_memory * USABLE_FRACTION if gpu_memory else None
+    memory = estimate(plan, settings, student, teacher, knobs, budget)
+    other = estimate(plan, replace(settings, checkpointing=not settings.checkpointing),
+                     student, teacher, knobs, budget)
+    act = next(l for l in other.lines if l.what == "student activations")
+    memory.notes.append(f"student activations {'without' if settings.checkpointing else 'with'} "
+                        f"checkpointing would be {gib(act.bytes)} (total {gib(other.total)})")
+    if settings.zero_stage < 2:
+        memory.notes.append(f"ZeRO stage {settings.zero_stage} is counted as stage 2")
+    if not memory.fits:
+        memory.advice = advise(plan, memory, student, teacher, knobs)
+    return memory
+
+
+def plan_job(job: JobPlan, world_size: int, gpu_memory: int | None = None) -> list[StageMemory]:
+    return [plan_stage(stage, world_size, gpu_memory) for stage in job.stages]
+
+
+# ---------------------------------------------------------------------------- printing
+
+def print_memory(memories: list[StageMemory], gpu_memory: int | None, console=None) -> bool:
+    """Rich tables, one per stage; returns whether every stage fits."""
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    for memory in memories:
+        s = memory.settings
+        table = Table(title=f"{memory.stage}: memory per GPU at {s.world_size} GPUs "
+                            f"(micro-batch {s.micro_batch}, ZeRO-{s.zero_stage}, "
+                            f"checkpointing {'on' if s.checkpointing else 'off'})")
+        table.add_column("component")
+        table.add_column("per GPU", justify="right")
+        table.add_column("how")
+        for line in memory.lines:
+            table.add_row(line.what, gib(line.bytes), line.note)
+        table.add_row("[bold]total[/bold]", f"[bold]{gib(memory.total)}[/bold]", "")
+        console.print(table)
+        for note in memory.notes:
+            console.print(f"  note: {note}", highlight=False)
+        if gpu_memory:
+            verdict = ("[green]fits[/green]" if memory.fits else "[red]does not fit[/red]")
+            console.print(f"  {verdict}: {gib(memory.total)} of {gib(memory.budget)} usable "
+                          f"({USABLE_FRACTION:.0%} of {gib(gpu_memory)})", highlight=False)
+            for item in memory.advice:
+                console.print(f"  would fit with: {item}", highlight=False)
+    return all(m.fits for m in memories)
