@@ -6,6 +6,7 @@ training job needs on top: member names are checked (absolute paths and '..' are
 ShardError that names the shard URL and the sample key it happened at.
 """
 
+import logging
 import tarfile
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -14,6 +15,8 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .errors import DataError
+
+log = logging.getLogger("data_shards")
 
 
 class ShardError(DataError):
@@ -51,6 +54,8 @@ def open_url(url: str):
     """Local paths with plain open(); everything else (pipe:, http(s), gs, s3 via pipe, ...) with wds.gopen."""
     if "://" not in url and not url.startswith("pipe:"):
         return open(url.removeprefix("file:"), "rb")
+    if url.startswith("pipe:"):  # allowed by check_url_allowed; say what it runs, every time
+        log.info("running the shell command of a pipe: shard url: %s", url.removeprefix("pipe:"))
     return wds.gopen(url)
 
 

@@ -4,7 +4,11 @@ DeepSpeed writes one directory per tag (every rank writes its own shard); we add
 rank's RNG state beside it and, only after every rank has finished, a ``COMPLETE`` marker
 written atomically by rank 0. Resume takes the newest tag that has the marker, so a
 checkpoint cut off mid-write is never taken for the newest. The last ``keep`` complete
-checkpoints are kept.
+checkpoints are kept; older ones are deleted only after a newer one is complete.
+
+A save that fails (disk full, a dead rank) raises ``CheckpointError`` and leaves the
+previous complete checkpoint as it was. Weights that are not finite are never saved.
+DeepSpeed's own ``latest`` file is not written: resume goes by the marker alone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import faults
+
 MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or weights that must not be."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank  # every rank raises it together: rank 0 alone reports
 
 
 def tag_of(step: int) -> str:
@@ -51,18 +65,45 @@ def save(engine, directory: Path, step: int, client_state: dict[str, Any], keep:
     every rank's files are on disk."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_of(step)
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
-    torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
+    previous = (complete_tags(directory) or ["none"])[-1]
+    if not weights_are_finite(engine):
+        raise CheckpointError(
+            f"refusing to save checkpoint {tag}: the student's weights hold non-finite values "
+            f"(NaN or inf); the newest complete checkpoint ({previous}) is kept as it was",
+            every_rank=True)
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state,
+                               save_latest=False)
+        faults.maybe_die_in_save(step, rank)  # test-only
+        torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            marker = directory / tag / MARKER
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step}))
+            os.replace(tmp, marker)
+    except (OSError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"saving checkpoint {directory / tag} failed on rank {rank} ({reason}). It has no "
+            f"{MARKER} marker, so it is never resumed from; the newest complete checkpoint "
+            f"({previous}) is intact, and running the same command again resumes from it "
+            f"once the cause (often a full disk) is fixed") from None
     if rank == 0:
-        marker = directory / tag / MARKER
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step}))
-        os.replace(tmp, marker)
         _prune(directory, keep)
     if dist.is_initialized():
         dist.barrier()
+
+
+def weights_are_finite(engine) -> bool:
+    """True when every rank's share of the weights is finite (ZeRO-3: the partitions)."""
+    finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all())
+                 for p in engine.module.parameters())
+    flag = torch.tensor([1 if finite else 0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _prune(directory: Path, keep: int) -> None:

@@ -21,7 +21,8 @@ from .objectives import OBJECTIVES
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No unknown keys, and no inf/nan where a number is expected (lr: .inf passes gt=0).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------- models
@@ -105,6 +106,10 @@ class OptimisationSpec(Strict):
     epochs: float | None = Field(None, gt=0.0, description="alternative to steps")
     grad_clip: float | None = Field(None, gt=0.0)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss stops the run, or skips that step (no update)")
+    max_consecutive_skips: int = Field(
+        5, ge=1, description="with on_nonfinite: skip, stop after this many skipped steps in a row")
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -114,6 +119,10 @@ class OptimisationSpec(Strict):
             raise ValueError("give at most one of 'warmup_steps' or 'warmup_epochs'")
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
             raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        if self.on_nonfinite == "skip" and self.gradient_accumulation_steps > 1:
+            # Earlier micro-batches of the step would already have put their gradients in
+            # the engine; a step can be skipped cleanly only when it has one micro-batch.
+            raise ValueError("on_nonfinite: skip needs gradient_accumulation_steps: 1")
         return self
 
 
@@ -124,7 +133,8 @@ class DeepSpeedSpec(Strict):
     student_config: Path = Path("ds_configs/student_zero3.json")
     teacher_overrides: dict[str, Any] = Field(default_factory=dict)
     student_overrides: dict[str, Any] = Field(default_factory=dict)
-    timeout_s: int = Field(600, ge=10, description="collective timeout: a dead rank ends the job")
+    timeout_s: int = Field(600, ge=10, le=7 * 24 * 3600,
+                           description="collective timeout: a dead rank ends the job")
 
 
 class CheckpointSpec(Strict):

@@ -22,7 +22,7 @@ import yaml
 
 from data_shards import EvalStream, ShardStream, ViewsConfig
 
-from . import checkpoints, models
+from . import checkpoints, faults, models
 from .engines import build_student, build_teacher, shard_counts
 from .plan import JobPlan, StagePlan, steps_of
 from .progress import StageProgress, plot_losses
@@ -78,10 +78,12 @@ class StageTrainer:
         self.student, self.student_dtype = build_student(self.plan, self.total_steps,
                                                          warmup_steps, self.job.spec.seed)
         self.step = 0
+        self.skipped_steps = self.skipped_in_a_row = 0
         if self.spec.checkpointing.resume:
             state = checkpoints.resume(self.student, self.checkpoint_dir)
             if state is not None:
                 self.step = state["step"]
+                self.skipped_steps = state.get("nonfinite_skipped_steps", 0)
                 self.stream.load_state_dict(state["stream"])
                 log.info("%s: resumed from %s (step %d)", self.spec.name, state["tag"], self.step)
         # Seed drop path & co. per rank, unless a checkpoint restored the RNG.
@@ -104,17 +106,23 @@ class StageTrainer:
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], float] | None:
         """One optimizer step (``gradient_accumulation_steps`` micro-batches). Returns the
-        rank-averaged loss, its terms, and the seconds spent waiting for data."""
-        accumulation = self.spec.optimisation.gradient_accumulation_steps
+        rank-averaged loss, its terms, and the seconds spent waiting for data; or None when
+        the loss was not finite and ``on_nonfinite: skip`` left the step out (no backward,
+        no optimizer step: weights and optimizer state stay as they were)."""
+        optimisation = self.spec.optimisation
         data_wait = 0.0
-        for _ in range(accumulation):
+        for _ in range(optimisation.gradient_accumulation_steps):
             started = time.perf_counter()
             batch = next(self.batches)
             data_wait += time.perf_counter() - started
+            self.bad_samples_here = batch.get("bad_samples", 0)  # skipped by this rank's stream
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch.items()}
+            if faults.nan_loss_at(self.step + 1, self.rank):  # test-only: a poisoned batch
+                batch = {k: v.float().fill_(math.nan) if torch.is_tensor(v) and
+                         v.is_floating_point() else v for k, v in batch.items()}
             teacher_taps = {}
             if self.teacher is not None:
                 teacher_taps = self.teacher(view_for(batch, "teacher").to(self.teacher_dtype))
@@ -122,16 +130,39 @@ class StageTrainer:
             total, terms = self.student(student_input, teacher_taps, batch)
             losses = all_mean(torch.stack([total.detach().float()] +
                                           [t.detach().float() for t in terms.values()]))
+            # The losses are averaged over ranks, so every rank reaches the same verdict
+            # and all stop or skip together.
             if not torch.isfinite(losses).all():
                 bad = [name for name, value in zip(["total", *terms], losses.tolist())
                        if not math.isfinite(value)]
+                where = (f"stage {self.spec.name!r}, step {self.step + 1}: non-finite loss in "
+                         f"{', '.join(bad)}")
+                if optimisation.on_nonfinite == "skip":
+                    self.skipped_in_a_row += 1
+                    self.skipped_steps += 1
+                    if self.skipped_in_a_row > optimisation.max_consecutive_skips:
+                        raise NonFiniteLoss(
+                            f"{where}; {self.skipped_in_a_row} steps in a row were non-finite "
+                            f"(optimisation.max_consecutive_skips is "
+                            f"{optimisation.max_consecutive_skips}), so the run stops; the "
+                            f"newest checkpoint holds finite weights (lower the learning rate, "
+                            f"enable grad_clip, or check the data)")
+                    if self.rank == 0:
+                        log.warning("%s; step skipped (weights and optimizer state unchanged; "
+                                    "%d in a row)", where, self.skipped_in_a_row)
+                    return None
                 raise NonFiniteLoss(
-                    f"stage {self.spec.name!r}, step {self.step + 1}: non-finite loss in "
-                    f"{', '.join(bad)}; the step was not applied and no checkpoint holds its "
-                    f"weights (lower the learning rate, enable grad_clip, or check the data)")
+                    f"{where}; the step was not applied and no checkpoint holds its "
+                    f"weights (lower the learning rate, enable grad_clip, check the data, or "
+                    f"set optimisation.on_nonfinite: skip)")
             self.student.backward(total)
             self.student.step()
+        self.skipped_in_a_row = 0
         return losses[0], dict(zip(terms, losses[1:])), data_wait
+
+    def bad_samples_all_ranks(self) -> int:
+        count = torch.tensor([float(self.bad_samples_here)])
+        return round(all_mean(count).item() * self.world_size)
 
     # ------------------------------------------------------------------ the loop
 
@@ -152,12 +183,18 @@ class StageTrainer:
         first_loss = None
         try:
             while self.step < stop_at:
+                faults.maybe_kill_rank(self.step + 1, self.rank)  # test-only
                 started = time.perf_counter()
-                loss, terms, data_wait = self.train_step()
+                result = self.train_step()
+                if result is None:
+                    continue  # skipped: the step number is that of applied updates
+                loss, terms, data_wait = result
                 self.step += 1
                 record = {"step": self.step, "loss": loss.item(),
                           **{f"loss/{k}": v.item() for k, v in terms.items()},
                           "lr": self.student.get_lr()[0],
+                          "skipped_steps": self.skipped_steps,
+                          "bad_samples": self.bad_samples_all_ranks(),
                           "step_s": round(time.perf_counter() - started, 5),
                           "data_wait_s": round(data_wait, 5)}
                 first_loss = first_loss if first_loss is not None else record["loss"]
@@ -177,7 +214,7 @@ class StageTrainer:
     def save(self) -> None:
         checkpoints.save(self.student, self.checkpoint_dir, self.step,
                          {"step": self.step, "stream": self.stream.state_dict(),
-                          "stage": self.spec.name},
+                          "stage": self.spec.name, "nonfinite_skipped_steps": self.skipped_steps},
                          keep=self.spec.checkpointing.keep)
 
     # ------------------------------------------------------------------ evaluation

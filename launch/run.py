@@ -72,6 +72,7 @@ def train(job, stop_after: int | None) -> int:
     import deepspeed
     import torch.distributed as dist
     from data_shards import DataError
+    from distill_engine.checkpoints import CheckpointError
     from distill_engine.models import WeightsError
     from distill_engine.progress import console, setup_logging, summary_table
     from distill_engine.trainer import NonFiniteLoss, run_job
@@ -86,8 +87,16 @@ def train(job, stop_after: int | None) -> int:
     rank = dist.get_rank()
     try:
         rows = run_job(job, stop_after)
-    except (WeightsError, DataError, NonFiniteLoss) as err:
-        console.print(f"[red]error on rank {rank}:[/red] {err}", highlight=False)
+    except (WeightsError, DataError, NonFiniteLoss, CheckpointError, dist.DistError) as err:
+        # A verdict every rank reaches together is reported once, by rank 0; a failure of
+        # one rank (its data, its disk, a peer it lost) by the rank it happened on.
+        if rank == 0 or not (isinstance(err, NonFiniteLoss) or getattr(err, "every_rank", False)):
+            message = str(err)
+            if isinstance(err, dist.DistError):
+                message = (f"lost contact with another rank ({message.splitlines()[0]}); it has "
+                           f"probably died. Run the same command again to resume from the "
+                           f"newest complete checkpoint")
+            console.print(f"[red]error on rank {rank}:[/red] {message}", highlight=False)
         return 1
     if rank == 0 and rows is not None:
         console.print(summary_table(rows))

@@ -26,6 +26,10 @@ def env() -> dict[str, str]:
     environment["DS_ACCELERATOR"] = "cpu"
     environment["PYTHONUNBUFFERED"] = "1"
     environment["OMP_NUM_THREADS"] = "1"
+    # Launched ranks run launch/run.py, whose sys.path[0] is launch/: put this checkout first,
+    # so that they import the code under test and not whatever the venv has installed.
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return environment
 
 
@@ -36,15 +40,16 @@ def run_check(spec: Path, *extra: str, world_size: int = 2) -> subprocess.Comple
 
 
 def run_deepspeed(spec: Path, *extra: str, ranks: int = 2, timeout: int = 600,
-                  script: Path | None = None) -> subprocess.CompletedProcess:
+                  script: Path | None = None,
+                  extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N launch/run.py --spec SPEC``: real ranks, gloo, CPU."""
     port = free_port()
     script = script or ROOT / "launch" / "run.py"
     args = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
             str(script), "--spec", str(spec), *extra]
     try:
-        return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env(),
-                              timeout=timeout)
+        return subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                              env={**env(), **(extra_env or {})}, timeout=timeout)
     finally:
         for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             leftover.unlink(missing_ok=True)
