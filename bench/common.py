@@ -190,7 +190,7 @@ def engine_trainer(job, plan, batches):
     trainer.teacher = trainer.teacher_dtype = None
     if plan.teacher is not None:
         trainer.teacher, trainer.teacher_dtype = build_teacher(plan, job.spec.seed)
-    trainer.student, trainer.student_dtype = build_student(plan, 1000, job.spec.seed)
+    trainer.student, trainer.student_dtype = build_student(plan, 1000, 0, job.spec.seed)
     trainer.step = 0
     trainer.batches = batches
     return trainer
