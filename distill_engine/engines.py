@@ -180,16 +180,20 @@ def param_groups(module: StudentModel, weight_decay: float) -> list[dict[str, An
 def scheduler_config(plan: StagePlan, total_steps: int, warmup: int) -> dict[str, Any]:
     """DeepSpeed's own warm-up schedules (linear warm-up, then cosine / linear / constant)."""
     opt = plan.spec.optimisation
+    # DeepSpeed's schedulers refuse 0 warm-up steps; "no warm-up" is a warm-up that starts
+    # at the peak learning rate. (WarmupDecayLR decays towards its minimum, so it keeps a
+    # minimum of 0 and DeepSpeed's shortest warm-up, 2 steps.)
+    start_ratio = 0.0 if warmup or opt.schedule == "linear" else 1.0
+    warmup = max(warmup, 1)
     if opt.schedule == "cosine":
         return {"type": "WarmupCosineLR", "params": {
             "total_num_steps": total_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0, "cos_min_ratio": opt.min_lr_ratio}}
+            "warmup_min_ratio": start_ratio, "cos_min_ratio": opt.min_lr_ratio}}
+    common = {"warmup_num_steps": warmup, "warmup_type": "linear",
+              "warmup_min_lr": start_ratio * plan.lr, "warmup_max_lr": plan.lr}
     if opt.schedule == "linear":
-        return {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total_steps, "warmup_num_steps": max(warmup, 1) if warmup else 0,
-            "warmup_type": "linear", "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr}}
-    return {"type": "WarmupLR", "params": {"warmup_num_steps": warmup, "warmup_type": "linear",
-                                            "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr}}
+        return {"type": "WarmupDecayLR", "params": {"total_num_steps": total_steps, **common}}
+    return {"type": "WarmupLR", "params": common}
 
 
 def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed: int):

@@ -122,3 +122,35 @@ def test_hugging_face_models_from_local_directories_plan_with_separate_qkv_taps(
     text = " ".join(out.replace("│", " ").split())
     assert "teacher pruned encoder.layer.1.attention.output, encoder.layer.1.intermediate" in text
     assert "student frozen encoder.layer.1.attention.output" in text
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_learning_rate_schedules_with_and_without_warmup(schedule, warmup):
+    """DeepSpeed's own schedulers, as our config asks for them: peak lr after the warm-up
+    (or at once without one), then the schedule's shape."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime import lr_schedules
+
+    from distill_engine.engines import scheduler_config
+    from distill_engine.spec import OptimisationSpec
+
+    opt = OptimisationSpec(lr=1e-3, steps=20, schedule=schedule, warmup_steps=warmup)
+    plan = SimpleNamespace(spec=SimpleNamespace(optimisation=opt), lr=1e-3)
+    config = scheduler_config(plan, 20, warmup)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
+    lrs = []
+    for _ in range(20):
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    if warmup:
+        assert lrs[0] < 1e-3 * 0.5
+    assert max(lrs) == pytest.approx(1e-3, rel=0.05)
+    # The peak comes right after the warm-up (at most DeepSpeed's 2-step minimum).
+    assert lrs.index(max(lrs)) <= max(warmup, 2)
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(1e-3)
+    else:
+        assert lrs[-1] < 0.1 * 1e-3
