@@ -5,6 +5,7 @@ Nothing in a job spec can reach this module: it reads only the environment varia
 
     DISTILL_FAULT=nan_loss_at_step:5          rank 0 feeds NaN pixels (a poisoned batch) at step 5
     DISTILL_FAULT=kill_rank_at_step:1:3       rank 1 SIGKILLs itself at the start of step 3
+    DISTILL_FAULT=hang_rank_at_step:1:3       rank 1 stops answering (sleeps) at the start of step 3
     DISTILL_FAULT=die_in_save_at_step:4       rank 0 SIGKILLs itself in the middle of the step-4
                                               checkpoint (DeepSpeed's files written, no marker)
 
@@ -46,6 +47,14 @@ def nan_loss_at(step: int, rank: int) -> bool:
 def maybe_kill_rank(step: int, rank: int) -> None:
     if any(args == [rank, step] for args in _wanted("kill_rank_at_step")):
         _die(f"kill_rank_at_step: rank {rank} at step {step}")
+
+
+def maybe_hang_rank(step: int, rank: int) -> None:
+    if any(args == [rank, step] for args in _wanted("hang_rank_at_step")):
+        print(f"DISTILL_FAULT (test-only): rank {rank} hangs at step {step} from unix time "
+              f"{time.time():.3f}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
 
 
 def maybe_die_in_save(step: int, rank: int) -> None:
