@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,9 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> Path | None:
     records = read_metrics(metrics_path)
     if not records:
         return None
+    # matplotlib writes a font cache to ~/.cache unless told otherwise; a run writes only
+    # under its run directory (a user's own MPLCONFIGDIR wins).
+    os.environ.setdefault("MPLCONFIGDIR", str(png.parent / ".matplotlib"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -103,7 +103,14 @@ def launch(spec_file: Path, *extra: str, fault: str | None = None,
     """Runs the job; returns (result, output, the unix time the launcher exited)."""
     extra_env = {**(extra_env or {}), **({"DISTILL_FAULT": fault} if fault else {})}
     result = run_deepspeed(spec_file, *extra, timeout=300, extra_env=extra_env)
-    return result, result.stdout + result.stderr, time.time()
+    exited = time.time()
+    output = result.stdout + result.stderr
+    print(f"\n$ DISTILL_FAULT={fault or ''} deepspeed ... {' '.join(extra)}  -> exit "
+          f"{result.returncode}")
+    for line in output.splitlines():  # what the user saw, for docs/reliability.md (pytest -s)
+        if re.search(r"error on rank|DISTILL_FAULT|resumed from|non-finite", line):
+            print("   ", line.strip()[:400])
+    return result, output, exited
 
 
 def time_of_death(output: str) -> float:
@@ -190,8 +197,9 @@ def test_hung_or_dead_rank_and_death_while_saving_cost_only_steps_since_the_chec
     (watched / "home").mkdir(parents=True)
     (watched / "tmp").mkdir()
     repo_before, data_before = snapshot(ROOT), snapshot(digits)
-    result, output, _ = launch(spec_file, extra_env={"HOME": str(watched / "home"),
-                                                     "TMPDIR": str(watched / "tmp")})
+    result, output, _ = launch(spec_file, "--set", "logging.plot=true",
+                              extra_env={"HOME": str(watched / "home"),
+                                         "TMPDIR": str(watched / "tmp")})
     assert result.returncode == 0, output[-3000:]
     assert "resumed from step00000002" in output
     assert steps_logged(stage) == list(range(1, STEPS + 1))  # each step logged once
@@ -199,7 +207,7 @@ def test_hung_or_dead_rank_and_death_while_saving_cost_only_steps_since_the_chec
     assert records(stage)[3]["loss"] == pytest.approx(step3_before, rel=1e-6)
     assert complete(checkpoints) == ["step00000004", "step00000006"]
     assert all_finite(checkpoint_weights(checkpoints, "step00000006"))
-    assert (stage / "export" / "metrics.json").is_file()
+    assert (stage / "export" / "metrics.json").is_file() and (stage / "loss.png").is_file()
     written_outside = sorted(str(p.relative_to(watched)) for p in watched.rglob("*") if p.is_file())
     assert written_outside == [], written_outside
     repo_after = snapshot(ROOT)
@@ -282,7 +290,8 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoi
 
 def test_teacher_weights_that_do_not_fit_fail_before_any_step(digits, tmp_path):
     import timm
-    wrong = timm.create_model("vit_tiny_patch16_224", **STUDENT).state_dict()  # student-sized
+    # The teacher's depth at the student's width: every key present, most shapes wrong.
+    wrong = timm.create_model("vit_tiny_patch16_224", **{**TEACHER, "embed_dim": 32}).state_dict()
     wrong.pop("cls_token")
     wrong["extra.weight"] = torch.zeros(3)
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
