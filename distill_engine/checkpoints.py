@@ -85,8 +85,10 @@ def save(engine, directory: Path, step: int, client_state: dict[str, Any], keep:
             os.replace(tmp, marker)
     except (OSError, RuntimeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        free = shutil.disk_usage(directory).free / 2**20
         raise CheckpointError(
-            f"saving checkpoint {directory / tag} failed on rank {rank} ({reason}). It has no "
+            f"saving checkpoint {directory / tag} failed on rank {rank} ({reason}; the disk "
+            f"holding it has {free:.1f} MiB free). It has no "
             f"{MARKER} marker, so it is never resumed from; the newest complete checkpoint "
             f"({previous}) is intact, and running the same command again resumes from it "
             f"once the cause (often a full disk) is fixed") from None

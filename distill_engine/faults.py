@@ -5,6 +5,7 @@ Nothing in a job spec can reach this module: it reads only the environment varia
 
     DISTILL_FAULT=nan_loss_at_step:5          rank 0 feeds NaN pixels (a poisoned batch) at step 5
     DISTILL_FAULT=kill_rank_at_step:1:3       rank 1 SIGKILLs itself at the start of step 3
+    DISTILL_FAULT=hang_rank_at_step:1:3       rank 1 stops answering (sleeps) at the start of step 3
     DISTILL_FAULT=die_in_save_at_step:4       rank 0 SIGKILLs itself in the middle of the step-4
                                               checkpoint (DeepSpeed's files written, no marker)
 
@@ -13,11 +14,10 @@ Several faults can be given separated by commas.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-
-log = logging.getLogger("distill_engine")
+import sys
+import time
 
 _fired: set[str] = set()
 
@@ -49,12 +49,21 @@ def maybe_kill_rank(step: int, rank: int) -> None:
         _die(f"kill_rank_at_step: rank {rank} at step {step}")
 
 
+def maybe_hang_rank(step: int, rank: int) -> None:
+    if any(args == [rank, step] for args in _wanted("hang_rank_at_step")):
+        print(f"DISTILL_FAULT (test-only): rank {rank} hangs at step {step} from unix time "
+              f"{time.time():.3f}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
 def maybe_die_in_save(step: int, rank: int) -> None:
     if rank == 0 and any(args == [step] for args in _wanted("die_in_save_at_step")):
         _die(f"die_in_save_at_step: rank 0 in the middle of the step-{step} checkpoint")
 
 
 def _die(what: str) -> None:
-    log.warning("DISTILL_FAULT (test-only): %s; SIGKILL now", what)
-    logging.shutdown()
+    # Plain print, not the logger: the tests read the time of death from this line.
+    print(f"DISTILL_FAULT (test-only): {what}; SIGKILL at unix time {time.time():.3f}",
+          file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -450,8 +450,11 @@ def _check_teacher_weights(plan: StagePlan, problems: list[tuple[str, str]]) -> 
         return
     if recipe.family == "timm" and not models.timm_architecture_exists(recipe.name):
         return
-    with torch.device("meta"):
-        model = models.create_model(recipe)
+    try:
+        with torch.device("meta"):
+            model = models.create_model(recipe)
+    except Exception:  # bad kwargs: _check_models has reported them already
+        return
     _check_weights(model, recipe.weights, f"stages[{plan.index}].teacher.weights", problems)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class StageProgress:
         directory.mkdir(parents=True, exist_ok=True)
         if start_step == 0 and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh stage; a resumed one appends
+        elif self.metrics_path.exists():
+            self._drop_records_after(start_step)
         self.progress = Progress(
             TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
@@ -75,6 +78,20 @@ class StageProgress:
         self.task = self.progress.add_task(stage, total=total_steps, completed=start_step,
                                            loss="-", rate="-")
         self.progress.start()
+
+    def _drop_records_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: forget their old records
+        (and a last line that a kill cut short), so that every step is logged once."""
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.metrics_path)
 
     def step(self, step: int, record: dict[str, Any], log_now: bool) -> None:
         if not self.enabled:
@@ -105,6 +122,9 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> Path | None:
     records = read_metrics(metrics_path)
     if not records:
         return None
+    # matplotlib writes a font cache to ~/.cache unless told otherwise; a run writes only
+    # under its run directory (a user's own MPLCONFIGDIR wins).
+    os.environ.setdefault("MPLCONFIGDIR", str(png.parent / ".matplotlib"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -184,6 +184,7 @@ class StageTrainer:
         try:
             while self.step < stop_at:
                 faults.maybe_kill_rank(self.step + 1, self.rank)  # test-only
+                faults.maybe_hang_rank(self.step + 1, self.rank)  # test-only
                 started = time.perf_counter()
                 result = self.train_step()
                 if result is None:

@@ -76,6 +76,7 @@ def train(job, stop_after: int | None) -> int:
     from distill_engine.models import WeightsError
     from distill_engine.progress import console, setup_logging, summary_table
     from distill_engine.trainer import NonFiniteLoss, run_job
+    from rich.markup import escape
 
     setup_logging(int(os.environ.get("RANK", "0")))
     if os.environ.get("RANK", "0") != "0":
@@ -85,23 +86,42 @@ def train(job, stop_after: int | None) -> int:
     timeout = datetime.timedelta(seconds=min(s.deepspeed.timeout_s for s in job.spec.stages))
     deepspeed.init_distributed(timeout=timeout)
     rank = dist.get_rank()
-    try:
-        rows = run_job(job, stop_after)
-    except (WeightsError, DataError, NonFiniteLoss, CheckpointError, dist.DistError) as err:
+
+    def report(message: str, every_rank: bool = False) -> int:
         # A verdict every rank reaches together is reported once, by rank 0; a failure of
         # one rank (its data, its disk, a peer it lost) by the rank it happened on.
-        if rank == 0 or not (isinstance(err, NonFiniteLoss) or getattr(err, "every_rank", False)):
-            message = str(err)
-            if isinstance(err, dist.DistError):
-                message = (f"lost contact with another rank ({message.splitlines()[0]}); it has "
-                           f"probably died. Run the same command again to resume from the "
-                           f"newest complete checkpoint")
-            console.print(f"[red]error on rank {rank}:[/red] {message}", highlight=False)
+        # escape: messages quote file names and library errors that contain [brackets];
+        # soft_wrap: one unbroken line that grep and log collectors keep whole.
+        if rank == 0 or not every_rank:
+            console.print(f"[red]error on rank {rank}:[/red] {escape(message)}",
+                          highlight=False, soft_wrap=True)
         return 1
+
+    try:
+        rows = run_job(job, stop_after)
+    except (WeightsError, DataError, NonFiniteLoss, CheckpointError) as err:
+        return report(str(err), isinstance(err, NonFiniteLoss) or
+                      getattr(err, "every_rank", False))
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise  # a bug: keep its traceback
+        return report(f"lost contact with another rank ({str(err).splitlines()[0]}): it died "
+                      f"or stopped answering for deepspeed.timeout_s. Run the same command "
+                      f"again to resume from the newest complete checkpoint")
     if rank == 0 and rows is not None:
         console.print(summary_table(rows))
     dist.barrier()
     return 0
+
+
+def lost_peer(err: Exception) -> bool:
+    """A collective that failed because another rank died or stopped answering (gloo raises
+    plain RuntimeErrors for timeouts and closed connections)."""
+    import torch.distributed as dist
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(
+        s in text for s in ("Timed out waiting", "Connection closed by peer",
+                            "Connection reset by peer")))
 
 
 if __name__ == "__main__":

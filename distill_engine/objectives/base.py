@@ -22,7 +22,7 @@ from torch import nn
 
 
 class ObjectiveConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # weight: .inf is no weight
 
     kind: str
     weight: float = Field(1.0, ge=0.0, description="multiplier of this term in the total loss")
