@@ -64,10 +64,10 @@ def main() -> None:
             rows = measure(teacher, ranks, args.batch, args.forwards)
             peaks[ranks] = max(r["peak"] for r in rows)
             seconds = ", ".join(f"{min(r['forward_s']):.1f}" for r in rows)
-            lines.append(f"| {teacher} | {rows[0]['params'] / 1e9:.2f} B | {ranks} | "
-                         f"{', '.join(f'{r['peak'] / GiB:.2f}' for r in rows)} GiB | "
-                         f"{', '.join(f'{r['teacher_held'] / GiB:.2f}' for r in rows)} GiB | "
-                         f"{rows[0]['planned'] / GiB:.2f} GiB | {seconds} |")
+            peak = ", ".join(f"{r['peak'] / GiB:.2f}" for r in rows)
+            held = ", ".join(f"{r['teacher_held'] / GiB:.2f}" for r in rows)
+            lines.append(f"| {teacher} | {rows[0]['params'] / 1e9:.2f} B | {ranks} | {peak} GiB | "
+                         f"{held} GiB | {rows[0]['planned'] / GiB:.2f} GiB | {seconds} |")
             print(lines[-1], flush=True)
         if len(peaks) == 2:
             halving = peaks[2] / peaks[1]
