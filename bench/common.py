@@ -109,9 +109,12 @@ def launch(script: Path, *args: str, ranks: int = 2, timeout: int = 900) -> str:
 
 def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batch: int,
            size: int, dtype: str = "fp32", checkpointing: bool = False,
-           arch: str = "timm:vit_tiny_patch16_224", world_size: int = 1,
+           arch: str = "timm:vit_tiny_patch16_224", student_arch: str | None = None,
+           tap: str = "norm", teacher_tap: str | None = None, world_size: int = 1, teacher_weights: bool = True,
            student_config: str = "ds_configs/student_zero3.json"):
-    """A one-stage FD job (random-weights teacher saved to ``work``) and its plan."""
+    """A one-stage FD job and its plan. With ``teacher_weights`` the random teacher is saved
+    to ``work`` (the engine loads it); without, the weights path is a placeholder (for
+    teachers too large to save here, built with random init by measure_memory.py)."""
     import timm
     import torch
     import yaml
@@ -120,7 +123,7 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
     from distill_engine.plan import load_plan
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "teacher.safetensors"
-    if not weights.exists():
+    if teacher_weights and not weights.exists():
         torch.manual_seed(0)
         model = timm.create_model(arch.split(":", 1)[1], **teacher)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
@@ -133,16 +136,17 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
         "stages": [{
             "name": "fd",
             "teacher": {"arch": arch, "kwargs": teacher, "weights": str(weights), "dtype": dtype},
-            "student": {"arch": arch, "kwargs": student, "dtype": dtype,
+            "student": {"arch": student_arch or arch, "kwargs": student, "dtype": dtype,
                         "grad_checkpointing": checkpointing},
             "deepspeed": {"student_config": str(ROOT / student_config),
                           "teacher_config": str(ROOT / "ds_configs/teacher_zero3_inference.json")},
-            "objectives": [{"kind": "feature", "student_tap": "norm", "teacher_tap": "norm"}],
+            "objectives": [{"kind": "feature", "student_tap": tap,
+                            "teacher_tap": teacher_tap or tap}],
         }],
     }
     path = work / "job.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return load_plan(path, world_size=world_size)
+    return load_plan(path, world_size=world_size, missing_inputs_ok=not teacher_weights)
 
 
 # ---------------------------------------------------------------------------- results
@@ -152,9 +156,9 @@ def median(values: list[float]) -> float:
 
 
 def command_line() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
-                                 if Path(sys.argv[0]).resolve().is_relative_to(ROOT)
-                                 else sys.argv[0], *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return "python " + " ".join([str(shown), *sys.argv[1:]])
 
 
 def record(title: str, body: str, command: str | None = None) -> None:
@@ -204,8 +208,10 @@ def measured(stdout: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
-def measure_memory(job_file: Path, *, ranks: int = 1, steps: int = 2,
-                   teacher_only: bool = False, timeout: int = 900) -> list[dict[str, Any]]:
-    args = ["--job", str(job_file), "--steps", str(steps)] + (["--teacher-only"] if teacher_only else [])
+def measure_memory(job_file: Path, *, ranks: int = 1, steps: int = 2, teacher_only: bool = False,
+                   random_teacher: bool = False, timeout: int = 900) -> list[dict[str, Any]]:
+    args = ["--job", str(job_file), "--steps", str(steps)]
+    args += ["--teacher-only"] if teacher_only else []
+    args += ["--random-teacher"] if random_teacher else []
     script = Path(__file__).resolve().parent / "measure_memory.py"
     return measured(launch(script, *args, ranks=ranks, timeout=timeout))

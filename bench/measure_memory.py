@@ -15,12 +15,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+def random_teacher(plan):
+    """``engines.build_teacher`` without the weights: the same config, zero.Init, pruning,
+    inference engine and taps, with the model's random initialisation."""
+    import deepspeed
+    import torch
+    from distill_engine import models
+    from distill_engine.engines import TeacherModel, ds_config, resolve_dtype
+    stage = plan.spec
+    dtype = resolve_dtype(stage.teacher.dtype)
+    config = ds_config(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides,
+                       train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
+                       gradient_accumulation_steps=1, bf16={"enabled": dtype == torch.bfloat16})
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = models.create_model(plan.teacher)
+    models.prune_after(model, plan.teacher_trace, plan.teacher_taps)
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=TeacherModel(model), config=config)
+    engine.module.attach_taps(plan.teacher_taps)
+    engine.eval()
+    return engine, dtype
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--job", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--teacher-only", action="store_true",
                         help="build the teacher alone and time forwards")
+    parser.add_argument("--random-teacher", action="store_true",
+                        help="with --teacher-only: random init instead of a weights file "
+                             "(teachers too large to save on this machine)")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
 
@@ -30,7 +55,7 @@ def main() -> None:
     from distill_engine.plan import load_plan
     common.init_distributed()
     world = dist.get_world_size()
-    job = load_plan(args.job, world_size=world)
+    job = load_plan(args.job, world_size=world, missing_inputs_ok=args.random_teacher)
     plan = job.stages[0]
     # A warm-up all-reduce maps DeepSpeed's shm buffer before the baseline is taken.
     dist.all_reduce(torch.zeros(1))
@@ -41,7 +66,8 @@ def main() -> None:
     size = plan.spec.data.views.geometry.size
     batch = plan.spec.data.micro_batch_size
     if args.teacher_only:
-        teacher, dtype = build_teacher(plan, job.spec.seed)
+        teacher, dtype = (random_teacher(plan) if args.random_teacher
+                          else build_teacher(plan, job.spec.seed))
         common.trim()
         result["teacher_held"] = common.rss() - base
         images = next(common.fixed_batches(batch, size))["image"].to(dtype)

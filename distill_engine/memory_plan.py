@@ -251,7 +251,15 @@ def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFa
     else:
         kept = student.leaf_outputs
         note = "every layer output kept for the backward"
-    lines.append(Line("student activations", kept * b * s.param_bytes, f"{note}; micro-batch {b}"))
+    activations = kept * b * s.param_bytes
+    lines.append(Line("student activations", activations, f"{note}; micro-batch {b}"))
+    # torch AdamW on DeepSpeed's flat fp32 partition makes whole-partition temporaries
+    # (denominator, its quotient) and clipping another; they come after the backward has
+    # freed the activations, so only their excess over the activations raises the peak.
+    temporaries = 0 if s.offload_optimizer else 3 * 4 * student.params / (
+        s.world_size if s.zero_stage >= 2 else 1)
+    lines.append(Line("optimizer step temporaries", max(0.0, temporaries - activations),
+                      "3 fp32 copies of the rank's partition, beyond the freed activations"))
     grad_bytes = s.param_bytes
     comm = min(knobs.reduce_bucket, student.params) * grad_bytes
     if s.zero_stage == 3:
