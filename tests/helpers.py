@@ -84,3 +84,10 @@ def sparse_safetensors(path: Path, arch: str, **kwargs) -> Path:
         out.write(encoded)
         out.truncate(8 + len(encoded) + offset)
     return path
+
+
+def pack_digits(out: Path, *options: str) -> Path:
+    """The digits shards, packed by the command a user runs."""
+    subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
+                    str(out), *options], check=True, capture_output=True, cwd=ROOT, env=env())
+    return out

@@ -8,15 +8,13 @@ after 6 steps and resumed by running the same command again.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import ROOT, env, run_deepspeed, write_spec
+from helpers import pack_digits, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -30,9 +28,7 @@ STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_he
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
-                    str(out), "--holdout", "0.2", "--seed", "0", "--max-samples-per-shard", "250"],
-                   check=True, capture_output=True, cwd=ROOT, env=env())
+    pack_digits(out, "--holdout", "0.2", "--seed", "0", "--max-samples-per-shard", "250")
     return out
 
 

@@ -10,7 +10,6 @@ the module needs 8 launches (45 to 70 s each here).
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import re
@@ -25,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import ROOT, env, run_deepspeed, write_spec
+from helpers import pack_digits, ROOT, env, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -42,9 +41,7 @@ STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_he
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
-                    str(out), "--max-samples-per-shard", "250"],
-                   check=True, capture_output=True, cwd=ROOT, env=env())
+    pack_digits(out, "--max-samples-per-shard", "250")
     return out
 
 

@@ -7,8 +7,6 @@ import copy
 import io
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from data_shards import DataError, ShardStream
 from data_shards.safety import ShardError, read_shard
 from distill_engine.models import WeightsError, read_state_dict
-from helpers import ROOT, env, write_spec
+from helpers import pack_digits, write_spec
 from launch_main import check_in_process
 from test_bad_input import base  # noqa: F401  (a valid spec to break)
 
@@ -70,9 +68,7 @@ def test_crafted_pickle_as_teacher_or_init_weights_fails_the_spec(base, crafted_
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
-                    str(out), "--max-samples-per-shard", "500"],
-                   check=True, capture_output=True, cwd=ROOT, env=env())
+    pack_digits(out, "--max-samples-per-shard", "500")
     return out
 
 

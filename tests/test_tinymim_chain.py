@@ -5,15 +5,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import ROOT, env, run_deepspeed, write_spec
+from helpers import pack_digits, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -28,9 +26,7 @@ VIT_T = {**GRID, "embed_dim": 16, "depth": 2, "num_heads": 1}
 def chain_run(tmp_path_factory) -> Path:
     import timm
     work = tmp_path_factory.mktemp("chain")
-    subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
-                    str(work / "digits"), "--max-samples-per-shard", "400"],
-                   check=True, capture_output=True, cwd=ROOT, env=env())
+    pack_digits(work / "digits", "--max-samples-per-shard", "400")
     torch.manual_seed(0)
     save_file(timm.create_model("vit_tiny_patch16_224", **VIT_B).state_dict(),
               str(work / "vit_b.safetensors"))
