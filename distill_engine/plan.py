@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,21 @@ class SpecError(Exception):
 
 # ---------------------------------------------------------------------------- reading
 
+MAX_SPEC_NODES = 100_000
+
+
+def expanded_size(value: Any, memo: dict[int, int] | None = None) -> int:
+    """How many values the YAML holds once its aliases are expanded (copying or validating
+    expands them), counted without expanding: shared nodes are counted once per use."""
+    memo = {} if memo is None else memo
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) not in memo:
+        children = value.values() if isinstance(value, dict) else value
+        memo[id(value)] = 1 + sum(expanded_size(child, memo) for child in children)
+    return memo[id(value)]
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError(str(path), [("", "the file does not exist")])
@@ -60,6 +76,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise SpecError(str(path), [("", "the top level must be a mapping with 'name', "
                                      "'run_dir' and 'stages'")])
+    if expanded_size(raw) > MAX_SPEC_NODES:
+        # A few nested aliases ("billion laughs") expand to gigabytes once copied.
+        raise SpecError(str(path), [("", f"its aliases (*name) expand to more than "
+                                     f"{MAX_SPEC_NODES:,} values; write the spec out or use "
+                                     "the top-level defaults that stages inherit")])
     return raw
 
 
@@ -114,7 +135,7 @@ def _pydantic_problems(err: ValidationError, prefix: tuple = ()) -> list[tuple[s
         elif e["type"] == "missing":
             message = "required, but missing"
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
-            message += f" (got {e['input']!r:.60})"
+            message += f" (got {reprlib.repr(e['input'])})"  # bounded, however big the input
         problems.append((yaml_path(prefix + tuple(e["loc"])), message.removeprefix("Value error, ")))
     return problems
 

@@ -249,7 +249,10 @@ def test_generated_broken_specs_exit_2_with_a_message(base, module_names, tmp_pa
     for kind in kinds:  # the same share of examples for every kind of breakage
         # No shrinking: an example costs a meta-device model build, so shrinking a failure
         # takes minutes, and the assertion message already shows the whole broken spec.
+        # derandomize: the same examples on every run, so that CI is reproducible (a random
+        # run here once ended with the machine out of memory, cause not pinned down).
         settings(max_examples=EXAMPLES // len(kinds), deadline=None, database=None,
+                 derandomize=True,
                  phases=[Phase.explicit, Phase.generate],
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])(
             given(broken=kind)(check))()

@@ -158,3 +158,14 @@ def test_teacher_weights_that_do_not_fit_are_listed_before_training(tmp_path, go
     assert "missing keys: cls_token" in message
     assert "unexpected keys: extra.weight" in message
     assert "shape mismatches" in message and "pos_embed" not in message.split("shape mismatches")[0]
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i, name in enumerate("bcdefgh"):
+        previous = "abcdefgh"[i]
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    spec_file = tmp_path / "bomb.yaml"
+    spec_file.write_text("\n".join(levels) + "\nname: *h\n")  # 9**8 = 43 million leaves
+    code, _, err = check_in_process(spec_file)
+    assert code == 2 and "aliases (*name) expand" in err
