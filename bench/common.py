@@ -188,14 +188,9 @@ def fixed_batches(batch: int, size: int, seed: int = 0):
 def engine_trainer(job, plan, batches):
     """A StageTrainer with the real engines (as ``setup`` builds them) fed ``batches``
     instead of a shard stream."""
-    from distill_engine.engines import build_student, build_teacher
     from distill_engine.trainer import StageTrainer
     trainer = StageTrainer(job, plan)
-    trainer.teacher = trainer.teacher_dtype = None
-    if plan.teacher is not None:
-        trainer.teacher, trainer.teacher_dtype = build_teacher(plan, job.spec.seed)
-    trainer.student, trainer.student_dtype = build_student(plan, 1000, 0, job.spec.seed)
-    trainer.step = 0
+    trainer.build_engines(total_steps=1000, warmup_steps=0)
     trainer.batches = batches
     return trainer
 

@@ -71,14 +71,7 @@ class StageTrainer:
             samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
             allow_pipe=data.allow_pipe)
         self.total_steps, warmup_steps = steps_of(self.plan, self.stream.batches_per_epoch)
-        self.teacher = self.teacher_dtype = None
-        if self.plan.teacher is not None:
-            self.teacher, self.teacher_dtype = build_teacher(self.plan, self.job.spec.seed)
-            self.record_teacher_shards()
-        self.student, self.student_dtype = build_student(self.plan, self.total_steps,
-                                                         warmup_steps, self.job.spec.seed)
-        self.step = 0
-        self.skipped_steps = self.skipped_in_a_row = 0
+        self.build_engines(self.total_steps, warmup_steps)
         if self.spec.checkpointing.resume:
             state = checkpoints.resume(self.student, self.checkpoint_dir)
             if state is not None:
@@ -90,6 +83,17 @@ class StageTrainer:
         if self.step == 0:
             torch.manual_seed(self.job.spec.seed + 1000 * self.plan.index + self.rank)
         self.batches = iter(self.stream)
+
+    def build_engines(self, total_steps: int, warmup_steps: int) -> None:
+        """The teacher and student engines, at step 0 (benchmarks call this without a stream)."""
+        self.teacher = self.teacher_dtype = None
+        if self.plan.teacher is not None:
+            self.teacher, self.teacher_dtype = build_teacher(self.plan, self.job.spec.seed)
+            self.record_teacher_shards()
+        self.student, self.student_dtype = build_student(self.plan, total_steps, warmup_steps,
+                                                         self.job.spec.seed)
+        self.step = 0
+        self.skipped_steps = self.skipped_in_a_row = 0
 
     def record_teacher_shards(self) -> None:
         """How many teacher parameters each rank holds, in ``teacher_shards.json``."""
