@@ -14,15 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import pack_digits, run_deepspeed, write_spec
+from helpers import DIGITS_STUDENT, DIGITS_TEACHER, pack_digits, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 12
-TEACHER = {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2,
-           "num_classes": 10}
-STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-           "num_classes": 10}
+TEACHER, STUDENT = DIGITS_TEACHER, DIGITS_STUDENT
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import pack_digits, ROOT, env, run_deepspeed, write_spec
+from helpers import DIGITS_STUDENT, DIGITS_TEACHER, pack_digits, ROOT, env, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
 TIMEOUT_S = 20  # the collective timeout: how long a rank waits for one that stopped answering
-TEACHER = {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2,
-           "num_classes": 10}
-STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-           "num_classes": 10}
+TEACHER, STUDENT = DIGITS_TEACHER, DIGITS_STUDENT
 
 
 # ---------------------------------------------------------------------------- fixtures
