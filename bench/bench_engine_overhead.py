@@ -31,20 +31,22 @@ def bare_step_fn(plan, images):
     """The same FD step in plain PyTorch: no DeepSpeed, no hooks of ours but one tap."""
     import timm
     import torch
-    from distill_engine import models
     from distill_engine.engines import param_groups
+    from distill_engine.tracing import prune_after
+    from distill_engine.weights import read_state_dict
     from distill_engine.objectives import build_objective
     from distill_engine.objectives.feature import feature_distillation_loss  # noqa: F401
     stage = plan.spec
-    teacher = models.create_model(plan.teacher)
-    teacher.load_state_dict(models.read_state_dict(plan.teacher.weights))
-    models.prune_after(teacher, plan.teacher_trace, plan.teacher_taps)
+    teacher = plan.teacher.family.create(plan.teacher)
+    teacher.load_state_dict(read_state_dict(plan.teacher.weights))
+    prune_after(teacher, plan.models.teacher_trace, plan.teacher_taps)
     teacher.eval().requires_grad_(False)
     torch.manual_seed(0)  # the job seed: the engine's student starts from the same weights
-    student = models.create_model(plan.student, drop_path_rate=stage.student.drop_path_rate)
-    objective = build_objective(stage.objectives[0], plan.tap_shapes)
+    student = plan.student.family.create(plan.student, stage.student.drop_path_rate)
+    objective = build_objective(stage.objectives[0], plan.models.tap_shapes)
     holder = torch.nn.Module()
     holder.model, holder.objectives = student, torch.nn.ModuleList([objective])
+    holder.family = plan.student.family
     opt = stage.optimisation
     optimizer = torch.optim.AdamW(param_groups(holder, opt.weight_decay), lr=plan.lr,
                                   betas=opt.betas, eps=opt.eps)

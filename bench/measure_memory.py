@@ -20,18 +20,18 @@ def random_teacher(plan):
     inference engine and taps, with the model's random initialisation."""
     import deepspeed
     import torch
-    from distill_engine import models
     from distill_engine.engines import TeacherModel, ds_config, resolve_dtype
+    from distill_engine.tracing import prune_after
     stage = plan.spec
     dtype = resolve_dtype(stage.teacher.dtype)
     config = ds_config(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides,
                        train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
                        gradient_accumulation_steps=1, bf16={"enabled": dtype == torch.bfloat16})
     with deepspeed.zero.Init(config_dict_or_path=config):
-        model = models.create_model(plan.teacher)
-    models.prune_after(model, plan.teacher_trace, plan.teacher_taps)
+        model = plan.teacher.family.create(plan.teacher)
+    prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
     model.eval().requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=TeacherModel(model), config=config)
+    engine, *_ = deepspeed.initialize(model=TeacherModel(model, plan.teacher.family), config=config)
     engine.module.attach_taps(plan.teacher_taps)
     engine.eval()
     return engine, dtype

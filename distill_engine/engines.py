@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import models
+from . import tracing, weights
+from .families import ModelFamily
 from .objectives import Objective, build_objective
+from .partitions import load_weights
 from .plan import StagePlan
 from .spec import deep_merge
 from .taps import OUTPUT, Taps
@@ -58,13 +60,20 @@ class TappedModel(nn.Module):
     hooks have to run after DeepSpeed's, i.e. be registered after the engine exists.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, family: ModelFamily):
         super().__init__()
         self.model = model
+        self.family = family
         self.taps: Taps | None = None
 
     def attach_taps(self, names: list[str]) -> None:
         self.taps = Taps(self.model, names)
+
+    def run(self, inputs: Any) -> dict[str, Any]:
+        """One forward of the model; its taps, and its output tensor as ``output``."""
+        with self.taps.capture() as captured:
+            output = self.family.forward(self.model, inputs)
+        return {**captured, OUTPUT: self.family.output_tensor(output)}
 
 
 class TeacherModel(TappedModel):
@@ -72,11 +81,8 @@ class TeacherModel(TappedModel):
 
     @torch.no_grad()
     def forward(self, inputs: Any) -> dict[str, Any]:
-        with self.taps.capture() as captured:
-            output = models.run_model(self.model, inputs)
-        if OUTPUT in self.taps.names:
-            captured[OUTPUT] = output
-        return dict(captured)
+        taps = self.run(inputs)
+        return taps if OUTPUT in self.taps.names else {k: v for k, v in taps.items() if k != OUTPUT}
 
 
 def build_teacher(plan: StagePlan, job_seed: int):
@@ -91,17 +97,17 @@ def build_teacher(plan: StagePlan, job_seed: int):
                        gradient_accumulation_steps=1,
                        bf16={"enabled": dtype == torch.bfloat16})
     # Read the weights before building, so that a bad file fails before any allocation.
-    state = models.read_state_dict(recipe.weights)
+    state = weights.read_state_dict(recipe.weights)
     torch.manual_seed(job_seed)
     with deepspeed.zero.Init(config_dict_or_path=config):
-        model = models.create_model(recipe)
-    removed = models.prune_after(model, plan.teacher_trace, plan.teacher_taps)
+        model = recipe.family.create(recipe)
+    removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
     if removed:
         log.info("teacher pruned after its deepest tap: removed %s", _short(removed))
-    models.load_weights(model, state, recipe.weights, ignore=removed)
+    load_weights(model, state, recipe.weights, ignore=removed)
     del state
     model.eval().requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=TeacherModel(model), config=config)
+    engine, *_ = deepspeed.initialize(model=TeacherModel(model, recipe.family), config=config)
     held, total = shard_counts(model)
     log.info("teacher: %s parameters, %s (%.1f%%) held by this rank", f"{total:,}", f"{held:,}",
              100 * held / max(total, 1))
@@ -130,31 +136,39 @@ class StudentModel(TappedModel):
 
     ``forward(inputs, teacher_taps, batch)`` returns the weighted total loss and the
     unweighted term per objective; ``forward(inputs)`` alone returns the model's output
-    (evaluation); ``return_taps=True`` returns the taps and the output.
+    tensor (evaluation); ``return_taps=True`` returns the taps and the output.
     """
 
-    def __init__(self, model: nn.Module, objectives: list[Objective]):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, family: ModelFamily, objectives: list[Objective]):
+        super().__init__(model, family)
         self.objectives = nn.ModuleList(objectives)
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Each objective's ``prepare`` step, in order (a mask both the forward and the
+        losses see)."""
+        for objective in self.objectives:
+            batch = objective.prepare(batch, generator)
+        return batch
 
     def forward(self, inputs: Any, teacher_taps: dict[str, Any] | None = None,
                 batch: dict[str, Any] | None = None, return_taps: bool = False):
         if batch is None and not return_taps:
-            return models.run_model(self.model, inputs)
-        with self.taps.capture() as captured:
-            output = models.run_model(self.model, inputs)
-        student_taps = {**captured, OUTPUT: output}
+            return self.family.output_tensor(self.family.forward(self.model, inputs))
+        student_taps = self.run(inputs)
         if return_taps:
             return student_taps
-        terms = {o.config.label: o(student_taps, teacher_taps or {}, batch) for o in self.objectives}
+        # Objectives may run the student again (an unmasked pass beside a masked one): still
+        # inside this root forward, so ZeRO-3 gathers and releases as for the first pass.
+        terms = {o.config.label: o(student_taps, teacher_taps or {}, batch, self.run)
+                 for o in self.objectives}
         total = sum(o.config.weight * terms[o.config.label] for o in self.objectives)
         # ZeRO-3 re-gathers a module's own parameters (a ViT's cls_token, pos_embed) for the
         # backward pass only when a gradient reaches that module's output. When every
         # objective reads intermediate taps, the model's output is off the loss graph; a
         # zero-weighted term puts it back on, at the cost of a backward through the head.
-        logits = getattr(output, "logits", getattr(output, "last_hidden_state", output))
-        if torch.is_tensor(logits) and logits.requires_grad:
-            total = total + 0.0 * logits.float().sum()
+        output = student_taps[OUTPUT]
+        if torch.is_tensor(output) and output.requires_grad:
+            total = total + 0.0 * output.float().sum()
         return total, terms
 
 
@@ -165,9 +179,7 @@ def _is_vector(param: nn.Parameter) -> bool:
 def param_groups(module: StudentModel, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on 1-D parameters (biases, norms) nor on what the model
     itself exempts (timm's ``no_weight_decay()``: cls token, position embeddings)."""
-    exempt = set()
-    if hasattr(module.model, "no_weight_decay"):
-        exempt = {f"model.{n}" for n in module.model.no_weight_decay()}
+    exempt = {f"model.{n}" for n in module.family.no_weight_decay(module.model)}
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -214,30 +226,28 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
         scheduler=scheduler_config(plan, total_steps, warmup_steps),
     )
     torch.manual_seed(job_seed)
+    family = recipe.family
     with deepspeed.zero.Init(config_dict_or_path=config):
-        model = models.create_student(recipe, stage.student.drop_path_rate,
-                                      stage.student.drop_path_schedule)
-        objectives = [build_objective(o, plan.tap_shapes) for o in stage.objectives]
+        model = family.create(recipe, stage.student.drop_path_rate, stage.student.drop_path_schedule)
+        objectives = [build_objective(o, plan.models.tap_shapes) for o in stage.objectives]
     if plan.student_init is not None:
-        state = models.read_state_dict(plan.student_init)
-        fresh = models.fresh_head_keys(models.expected_shapes(model),
-                                       {k: tuple(v.shape) for k, v in state.items()},
-                                       models.classifier_prefixes(model))
+        state = weights.read_state_dict(plan.student_init)
+        fresh = weights.fresh_head_keys(weights.expected_shapes(model),
+                                        {k: tuple(v.shape) for k, v in state.items()},
+                                        family.classifier_prefixes(model))
         if fresh:
             log.info("student: %s start fresh (not in %s, or another number of classes)",
                      _short(sorted(fresh)), plan.student_init)
-        models.load_weights(model, state, plan.student_init, fresh=fresh)
-    frozen = set(plan.frozen_params)
+        load_weights(model, state, plan.student_init, fresh=fresh)
+    frozen = set(plan.models.frozen_params)
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)
-    if plan.frozen_student:
-        log.info("student: no objective reaches %s; frozen", _short(plan.frozen_student))
+    if plan.models.frozen_student:
+        log.info("student: no objective reaches %s; frozen", _short(plan.models.frozen_student))
     if stage.student.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ValueError(f"{recipe.arch} has no activation checkpointing switch")
-        model.set_grad_checkpointing(True)
-    module = StudentModel(model, objectives)
+        family.set_grad_checkpointing(model, True)
+    module = StudentModel(model, family, objectives)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, opt.weight_decay), config=config)
     module.attach_taps(plan.student_taps)

@@ -11,6 +11,8 @@ Per rank, for each stage:
   working set (the largest layer and the prefetch bucket);
 - teacher activations: a no-grad forward frees as it goes, so about two layer outputs live
   at once, plus the taps that are kept for the loss;
+- objectives: each built objective says what it holds per sample (FD's fp32 copies of the
+  teacher tokens, the relation objective's [h, N, N] maps, fewer with ``chunk_rows``);
 - student model states: DeepSpeed's own estimators
   (``estimate_zero3_model_states_mem_needs`` / ``estimate_zero2_model_states_mem_needs``,
   which count 16-bit mixed precision with Adam); an fp32 student, which those do not cover,
@@ -39,13 +41,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import models
+from . import tracing
+from .families import InputShape, ModelFamily, ModelRecipe
+from .objectives import build_objective
 from .plan import JobPlan, StagePlan
 from .spec import deep_merge
 
 GiB = 1024 ** 3
 USABLE_FRACTION = 0.9          # headroom for CUDA context and allocator fragmentation
-OBJECTIVE_COPIES = 4           # fp32 copies of a tap an objective makes (cast, whiten, diff, loss)
 # Leaves whose output aliases their input (or, for dropout, is at most a 1-byte mask).
 ALIASING_LEAVES = (nn.Identity, nn.Dropout)
 
@@ -133,7 +136,7 @@ def _repeated_blocks(model: nn.Module) -> list[str]:
     return [c for c in candidates if not any(o.startswith(c + ".") for o in candidates)]
 
 
-def model_facts(model: nn.Module, trace: models.Trace) -> ModelFacts:
+def model_facts(model: nn.Module, trace: tracing.Trace, family: ModelFamily) -> ModelFacts:
     leaves = {name: module for name, module in model.named_modules()
               if not any(True for _ in module.children()) and name in trace.shapes
               and not isinstance(module, ALIASING_LEAVES)}
@@ -164,14 +167,28 @@ def model_facts(model: nn.Module, trace: models.Trace) -> ModelFacts:
         block_outputs=sum(_elements(trace.shapes[b]) for b in blocks),
         largest_block_leaves=max(inside.values(), default=0),
         outside_blocks=sum(s for n, s in leaf_sizes.items() if n not in in_any_block),
-        supports_checkpointing=hasattr(model, "set_grad_checkpointing") and bool(blocks),
+        supports_checkpointing=family.supports_grad_checkpointing(model) and bool(blocks),
     )
 
 
-def traced_facts(model: nn.Module, recipe: models.ModelRecipe, image_size: int) -> ModelFacts:
+def traced_facts(model: nn.Module, recipe: ModelRecipe, shape: InputShape) -> ModelFacts:
     """Facts of a meta-device model (a fresh trace: the plan keeps only the teacher's)."""
     model.train()  # drop path and dropout as in training (and as trace shapes are the same)
-    return model_facts(model, models.trace(model, models.example_input(model, recipe, image_size)))
+    family = recipe.family
+    return model_facts(model, tracing.trace(model, family, family.example_input(model, shape)),
+                       family)
+
+
+def objective_memory(plan: StagePlan) -> tuple[float, str]:
+    """Bytes per sample that the stage's objectives hold, by their own account."""
+    total, notes = 0.0, []
+    for config in plan.spec.objectives:
+        with torch.device("meta"):
+            objective = build_objective(config, plan.models.tap_shapes)
+        per_sample, how = objective.memory_per_sample()
+        total += per_sample
+        notes.append(f"{config.label}: {how}")
+    return total, "; ".join(notes)
 
 
 # ---------------------------------------------------------------------------- estimate
@@ -225,7 +242,8 @@ def student_model_states(params: int, largest_layer: int, s: Settings) -> tuple[
 
 
 def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFacts | None,
-             knobs: DeepSpeedKnobs, budget: float | None) -> StageMemory:
+             knobs: DeepSpeedKnobs, budget: float | None,
+             objectives: tuple[float, str] = (0.0, "")) -> StageMemory:
     lines: list[Line] = []
     b = s.micro_batch
     if teacher is not None:
@@ -234,12 +252,12 @@ def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFa
         lines.append(Line("teacher shard", shard + working,
                           f"{teacher.params / 1e6:,.0f} M params x {s.teacher_bytes} B / "
                           f"{s.world_size} + gathered layer and prefetch bucket"))
-        taps = sum(_elements(shape) for shape in plan.tap_shapes.teacher.values())
+        taps = sum(_elements(shape) for shape in plan.models.tap_shapes.teacher.values())
         live = (2 * teacher.largest_leaf_output + taps) * b * s.teacher_bytes
         lines.append(Line("teacher activations", live, "no-grad forward: ~2 layer outputs live, "
                           "plus the taps kept for the loss"))
-        lines.append(Line("objective", OBJECTIVE_COPIES * taps * b * 4,
-                          f"{OBJECTIVE_COPIES} fp32 copies of the teacher taps"))
+    if objectives[0]:
+        lines.append(Line("objective", objectives[0] * b, objectives[1]))
     states, how = student_model_states(student.params, student.largest_layer, s)
     offload = ", optimizer offloaded to CPU" if s.offload_optimizer else ""
     lines.append(Line("student params+grads+Adam", states,
@@ -275,12 +293,14 @@ def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFa
 # ---------------------------------------------------------------------------- advice
 
 def advise(plan: StagePlan, memory: StageMemory, student: ModelFacts,
-           teacher: ModelFacts | None, knobs: DeepSpeedKnobs) -> list[str]:
+           teacher: ModelFacts | None, knobs: DeepSpeedKnobs,
+           objectives: tuple[float, str]) -> list[str]:
     """Single changes that make a stage fit, cheapest first."""
     s, budget = memory.settings, memory.budget
 
     def fits(**change: Any) -> bool:
-        return estimate(plan, replace(s, **change), student, teacher, knobs, budget).fits
+        return estimate(plan, replace(s, **change), student, teacher, knobs, budget,
+                        objectives).fits
 
     advice = []
     if not s.checkpointing and student.supports_checkpointing and fits(checkpointing=True):
@@ -302,7 +322,7 @@ def advise(plan: StagePlan, memory: StageMemory, student: ModelFacts,
     if not advice:
         together = replace(s, checkpointing=student.supports_checkpointing, micro_batch=1,
                            zero_stage=3, offload_optimizer=True)
-        if estimate(plan, together, student, teacher, knobs, budget).fits:
+        if estimate(plan, together, student, teacher, knobs, budget, objectives).fits:
             advice.append("no single change is enough; checkpointing + micro-batch 1 + ZeRO-3 "
                           "+ optimizer offload together fit")
         else:
@@ -314,16 +334,16 @@ def advise(plan: StagePlan, memory: StageMemory, student: ModelFacts,
 def plan_stage(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
                accelerator_bf16: bool = True) -> StageMemory:
     stage = plan.spec
-    size = stage.data.views.geometry.size
     with torch.device("meta"):
-        student_model = models.create_model(plan.student, drop_path_rate=stage.student.drop_path_rate)
-    student = traced_facts(student_model, plan.student, size)
+        student_model = plan.student.family.create(plan.student, stage.student.drop_path_rate)
+    student = traced_facts(student_model, plan.student, plan.input_shape)
     teacher = None
     if plan.teacher is not None:
-        teacher_model = plan.tap_shapes.teacher_model  # already pruned to the deepest tap
-        teacher = traced_facts(teacher_model, plan.teacher, size)
+        teacher_model = plan.models.tap_shapes.teacher_model  # already pruned to the deepest tap
+        teacher = traced_facts(teacher_model, plan.teacher, plan.input_shape)
     # Objective heads (the FD projection) train with the student.
-    student = replace(student, params=student.params + plan.head_params)
+    student = replace(student, params=student.params + plan.models.head_params)
+    objectives = objective_memory(plan)
     zero_s = resolved_zero(stage.deepspeed.student_config, stage.deepspeed.student_overrides)
     zero_t = resolved_zero(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides)
     knobs = DeepSpeedKnobs(
@@ -339,48 +359,18 @@ def plan_stage(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
         param_bytes=dtype_bytes(stage.student.dtype, accelerator_bf16),
         teacher_bytes=dtype_bytes(stage.teacher.dtype if stage.teacher else "auto", accelerator_bf16))
     budget = gpu_memory * USABLE_FRACTION if gpu_memory else None
-    memory = estimate(plan, settings, student, teacher, knobs, budget)
+    memory = estimate(plan, settings, student, teacher, knobs, budget, objectives)
     other = estimate(plan, replace(settings, checkpointing=not settings.checkpointing),
-                     student, teacher, knobs, budget)
+                     student, teacher, knobs, budget, objectives)
     act = next(l for l in other.lines if l.what == "student activations")
     memory.notes.append(f"student activations {'without' if settings.checkpointing else 'with'} "
                         f"checkpointing would be {gib(act.bytes)} (total {gib(other.total)})")
     if settings.zero_stage < 2:
         memory.notes.append(f"ZeRO stage {settings.zero_stage} is counted as stage 2")
     if not memory.fits:
-        memory.advice = advise(plan, memory, student, teacher, knobs)
+        memory.advice = advise(plan, memory, student, teacher, knobs, objectives)
     return memory
 
 
 def plan_job(job: JobPlan, world_size: int, gpu_memory: int | None = None) -> list[StageMemory]:
     return [plan_stage(stage, world_size, gpu_memory) for stage in job.stages]
-
-
-# ---------------------------------------------------------------------------- printing
-
-def print_memory(memories: list[StageMemory], gpu_memory: int | None, console=None) -> bool:
-    """Rich tables, one per stage; returns whether every stage fits."""
-    from rich.console import Console
-    from rich.table import Table
-    console = console or Console()
-    for memory in memories:
-        s = memory.settings
-        table = Table(title=f"{memory.stage}: memory per GPU at {s.world_size} GPUs "
-                            f"(micro-batch {s.micro_batch}, ZeRO-{s.zero_stage}, "
-                            f"checkpointing {'on' if s.checkpointing else 'off'})")
-        table.add_column("component")
-        table.add_column("per GPU", justify="right")
-        table.add_column("how")
-        for line in memory.lines:
-            table.add_row(line.what, gib(line.bytes), line.note)
-        table.add_row("[bold]total[/bold]", f"[bold]{gib(memory.total)}[/bold]", "")
-        console.print(table)
-        for note in memory.notes:
-            console.print(f"  note: {note}", highlight=False)
-        if gpu_memory:
-            verdict = ("[green]fits[/green]" if memory.fits else "[red]does not fit[/red]")
-            console.print(f"  {verdict}: {gib(memory.total)} of {gib(memory.budget)} usable "
-                          f"({USABLE_FRACTION:.0%} of {gib(gpu_memory)})", highlight=False)
-            for item in memory.advice:
-                console.print(f"  would fit with: {item}", highlight=False)
-    return all(m.fits for m in memories)

@@ -1,10 +1,11 @@
-"""``--check``: the resolved plan, printed before anything expensive happens."""
+"""What ``--check`` and ``--plan`` print: the resolved plan, and the memory per GPU."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
+from .memory_plan import USABLE_FRACTION, StageMemory, gib
 from .plan import JobPlan
 
 
@@ -40,31 +41,39 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
         table = Table(title=f"stage {plan.index + 1}: {stage.name}", show_header=False)
         table.add_column(style="bold")
         table.add_column()
+        models = plan.models
         if plan.teacher is not None:
-            kept = (f", {_millions(plan.teacher_params_kept)} kept after pruning"
-                    if plan.pruned_teacher else "")
+            kept = (f", {_millions(models.teacher_params_kept)} kept after pruning"
+                    if models.pruned_teacher else "")
             table.add_row("teacher", f"{plan.teacher.arch} {plan.teacher.kwargs or ''} "
-                          f"({_millions(plan.teacher_params)} params{kept}); weights "
+                          f"({_millions(models.teacher_params)} params{kept}); weights "
                           f"{plan.teacher.weights}")
             table.add_row("teacher taps", ", ".join(plan.teacher_taps) or "-")
-            if plan.pruned_teacher:
-                table.add_row("teacher pruned", compact(plan.pruned_teacher))
+            if models.pruned_teacher:
+                table.add_row("teacher pruned", compact(models.pruned_teacher))
         init = plan.student_init or "random init"
         table.add_row("student", f"{plan.student.arch} {plan.student.kwargs or ''} "
-                      f"({_millions(plan.student_params)} params, heads "
-                      f"{_millions(plan.head_params)}); from {init}")
+                      f"({_millions(models.student_params)} params, heads "
+                      f"{_millions(models.head_params)}); from {init}")
         table.add_row("student taps", ", ".join(plan.student_taps) or "-")
-        if plan.frozen_student:
-            table.add_row("student frozen", compact(plan.frozen_student) +
+        if models.frozen_student:
+            table.add_row("student frozen", compact(models.frozen_student) +
                           " (no objective reaches them)")
         table.add_row("objectives", "; ".join(
             f"{o.label} x {o.weight}" for o in stage.objectives))
         data, opt = stage.data, stage.optimisation
         table.add_row("batch", f"{data.micro_batch_size} per rank x {plan.world_size} ranks x "
                       f"{opt.gradient_accumulation_steps} accumulation = {plan.global_batch}")
-        budget = f"{opt.steps} steps" if opt.steps else f"{opt.epochs} epochs"
-        warmup = (f"{opt.warmup_epochs} epochs" if opt.warmup_epochs is not None
-                  else f"{opt.warmup_steps} steps")
+        steps = plan.steps
+        if opt.steps:
+            budget = f"{opt.steps} steps"
+        elif steps.total is not None:
+            budget = (f"{opt.epochs} epochs = {steps.total} steps "
+                      f"({steps.batches_per_epoch} batches per epoch per rank)")
+        else:
+            budget = f"{opt.epochs} epochs (steps unknown: no readable shard index)"
+        warmup = (f"{steps.warmup} steps" if steps.warmup is not None
+                  else f"{opt.warmup_epochs} epochs")
         table.add_row("optimisation", f"{opt.optimizer}, lr {plan.lr:.3g} ({opt.schedule}, "
                       f"{warmup} warm-up), {budget}, wd {opt.weight_decay}, "
                       f"clip {opt.grad_clip}")
@@ -73,3 +82,29 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
         table.add_row("deepspeed", f"teacher {stage.deepspeed.teacher_config}, "
                       f"student {stage.deepspeed.student_config}")
         console.print(table)
+
+
+def print_memory(memories: list[StageMemory], gpu_memory: int | None, console=None) -> bool:
+    """Rich tables, one per stage; returns whether every stage fits."""
+    console = console or Console()
+    for memory in memories:
+        s = memory.settings
+        table = Table(title=f"{memory.stage}: memory per GPU at {s.world_size} GPUs "
+                            f"(micro-batch {s.micro_batch}, ZeRO-{s.zero_stage}, "
+                            f"checkpointing {'on' if s.checkpointing else 'off'})")
+        table.add_column("component")
+        table.add_column("per GPU", justify="right")
+        table.add_column("how")
+        for line in memory.lines:
+            table.add_row(line.what, gib(line.bytes), line.note)
+        table.add_row("[bold]total[/bold]", f"[bold]{gib(memory.total)}[/bold]", "")
+        console.print(table)
+        for note in memory.notes:
+            console.print(f"  note: {note}", highlight=False)
+        if gpu_memory:
+            verdict = ("[green]fits[/green]" if memory.fits else "[red]does not fit[/red]")
+            console.print(f"  {verdict}: {gib(memory.total)} of {gib(memory.budget)} usable "
+                          f"({USABLE_FRACTION:.0%} of {gib(gpu_memory)})", highlight=False)
+            for item in memory.advice:
+                console.print(f"  would fit with: {item}", highlight=False)
+    return all(m.fits for m in memories)

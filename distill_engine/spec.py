@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from data_shards import ViewsConfig
 
+from .families import FAMILIES
 from .objectives import OBJECTIVES
 
 
@@ -28,11 +29,13 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------------------- models
 
 ARCH_HELP = "'timm:NAME' (a timm model), 'hf:DIR' (a local Hugging Face directory) or 'stage:NAME'"
+STAGE_REF = "stage:"
 
 
 def _check_arch(arch: str) -> str:
-    family, sep, name = arch.partition(":")
-    if not sep or family not in ("timm", "hf", "stage") or not name:
+    """The form FAMILY:NAME; whether NAME exists is checked with the plan."""
+    prefix, sep, name = arch.partition(":")
+    if not sep or not name or (prefix + ":" != STAGE_REF and prefix not in FAMILIES):
         raise ValueError(f"{arch!r} is not an architecture; use {ARCH_HELP}")
     return arch
 
@@ -47,7 +50,7 @@ class TeacherSpec(Strict):
 
     @model_validator(mode="after")
     def _valid(self):
-        if self.arch.startswith("stage:") and (self.weights or self.kwargs):
+        if self.arch.startswith(STAGE_REF) and (self.weights or self.kwargs):
             raise ValueError("a teacher taken from an earlier stage gets its kwargs and "
                              "weights from that stage's export; remove 'weights' and 'kwargs'")
         return self
@@ -69,7 +72,7 @@ class StudentSpec(Strict):
 
     @property
     def init_stage(self) -> str | None:
-        return self.init.split(":", 1)[1] if self.init.startswith("stage:") else None
+        return self.init.split(":", 1)[1] if self.init.startswith(STAGE_REF) else None
 
 
 # ---------------------------------------------------------------------------- data

@@ -1,9 +1,11 @@
 """Taps: named intermediate outputs, captured by forward hooks.
 
 A tap is addressed by module path, exactly as ``model.named_modules()`` spells it
-(``blocks.17.attn.qkv``, ``norm``); ``output`` is the model's own output. Hooks store
-outputs only inside ``capture()``, so activation-checkpointing recomputation during the
-backward pass does not refill (and keep alive) the captured tensors.
+(``blocks.17.attn.qkv``, ``norm``); ``output`` is the model's own output. A tap holds the
+tensor the module's output stands for (the first tensor of a tuple or an output record, as
+the trace measures it). Hooks store outputs only inside ``capture()``, so
+activation-checkpointing recomputation during the backward pass does not refill (and keep
+alive) the captured tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from torch import nn
+
+from .families import first_tensor
 
 OUTPUT = "output"
 
@@ -50,7 +54,7 @@ class Taps:
     def _hook(self, name: str):
         def store(module, inputs, output):
             if self._active:
-                self.outputs[name] = output
+                self.outputs[name] = first_tensor(output)
         return store
 
     @contextmanager

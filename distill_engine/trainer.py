@@ -21,11 +21,16 @@ import torch.distributed as dist
 import yaml
 
 from data_shards import EvalStream, ShardStream, ViewsConfig
+from data_shards.keys import derive_seed
 
-from . import checkpoints, faults, models
+from . import checkpoints, faults
 from .engines import build_student, build_teacher, shard_counts
-from .plan import JobPlan, StagePlan, steps_of
+from .export import save_export
+from .families import first_tensor
+from .inputs import model_inputs, to_model
+from .plan import JobPlan, StagePlan
 from .progress import StageProgress, plot_losses
+from .resolve import count_steps
 
 log = logging.getLogger("distill_engine")
 
@@ -47,11 +52,6 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def view_for(batch: dict[str, Any], role: str) -> torch.Tensor:
-    """A model sees the view named after its role, else the shared 'image' view."""
-    return batch[role] if role in batch else batch["image"]
-
-
 class StageTrainer:
     def __init__(self, job: JobPlan, plan: StagePlan):
         self.job, self.plan, self.spec = job, plan, plan.spec
@@ -70,8 +70,10 @@ class StageTrainer:
             seed=self.job.spec.seed + data.seed, views=data.views,
             samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
             allow_pipe=data.allow_pipe)
-        self.total_steps, warmup_steps = steps_of(self.plan, self.stream.batches_per_epoch)
-        self.build_engines(self.total_steps, warmup_steps)
+        # The plan counted the steps from the index; the stream is the authority on batches.
+        steps = count_steps(self.spec, self.world_size, self.stream.batches_per_epoch)
+        self.total_steps = steps.total
+        self.build_engines(steps.total, steps.warmup)
         if self.spec.checkpointing.resume:
             state = checkpoints.resume(self.student, self.checkpoint_dir)
             if state is not None:
@@ -117,20 +119,25 @@ class StageTrainer:
         no optimizer step: weights and optimizer state stay as they were)."""
         optimisation = self.spec.optimisation
         data_wait = 0.0
-        for _ in range(optimisation.gradient_accumulation_steps):
+        for micro in range(optimisation.gradient_accumulation_steps):
             started = time.perf_counter()
             batch = next(self.batches)
             data_wait += time.perf_counter() - started
             self.bad_samples_here = batch.get("bad_samples", 0)  # skipped by this rank's stream
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
+            batch = to_model(batch, self.device, torch.float32)
             if faults.nan_loss_at(self.step + 1, self.rank):  # test-only: a poisoned batch
                 batch = {k: v.float().fill_(math.nan) if torch.is_tensor(v) and
                          v.is_floating_point() else v for k, v in batch.items()}
+            # A mask drawn here is a function of (seed, stage, step, micro-batch, rank): a
+            # resumed run draws the same one without saving any generator state.
+            generator = torch.Generator(self.device).manual_seed(derive_seed(
+                self.job.spec.seed, self.plan.index, self.step + 1, micro, self.rank))
+            batch = self.student.module.prepare(batch, generator)
             teacher_taps = {}
             if self.teacher is not None:
-                teacher_taps = self.teacher(view_for(batch, "teacher").to(self.teacher_dtype))
-            student_input = view_for(batch, "student").to(self.student_dtype)
+                teacher_taps = self.teacher(to_model(model_inputs(batch, "teacher"), self.device,
+                                                     self.teacher_dtype))
+            student_input = to_model(model_inputs(batch, "student"), self.device, self.student_dtype)
             total, terms = self.student(student_input, teacher_taps, batch)
             losses = all_mean(torch.stack([total.detach().float()] +
                                           [t.detach().float() for t in terms.values()]))
@@ -238,8 +245,9 @@ class StageTrainer:
         self.student.eval()
         counts = torch.zeros(2, dtype=torch.float64)
         for batch in stream:
-            output = self.student(batch["image"].to(self.device, self.student_dtype))
-            predictions = getattr(output, "logits", output).argmax(-1).cpu()
+            logits = self.student(to_model(model_inputs(batch, "student"), self.device,
+                                           self.student_dtype))
+            predictions = logits.argmax(-1).cpu()
             valid = batch["valid"]
             counts[0] += (predictions[valid] == batch["label"][valid]).sum()
             counts[1] += valid.sum()
@@ -257,15 +265,18 @@ class StageTrainer:
     def probe(self) -> dict[str, torch.Tensor]:
         """The engine's student on a fixed input, saved beside the export so that anyone
         can check that a reloaded export computes the same thing."""
-        size = self.spec.data.views.geometry.size
-        inputs = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        model, family = self.student.module.model, self.plan.student.family
+        inputs = family.example_input(model, self.plan.input_shape, batch=2, device="cpu",
+                                      generator=torch.Generator().manual_seed(0))
         self.student.eval()
-        taps = self.student(inputs.to(self.device, self.student_dtype), return_taps=True)
+        taps = self.student(to_model(model_inputs({"student": inputs}, "student"), self.device,
+                                     self.student_dtype), return_taps=True)
         self.student.train()
-        probe = {"input": inputs}
+        named = inputs if isinstance(inputs, dict) else {"": inputs}
+        probe = {f"input{'/' + k if k else ''}": v for k, v in named.items()}
         for name, value in taps.items():
-            value = getattr(value, "logits", value)
-            if torch.is_tensor(value):
+            value = first_tensor(value)
+            if value is not None:
                 probe[f"tap/{name}"] = value.detach().float().cpu().contiguous()
         return probe
 
@@ -273,8 +284,8 @@ class StageTrainer:
         """Exports the student (safetensors that timm loads), the resolved spec and metrics."""
         plan = self.plan
         probe = self.probe()
-        models.save_export(self.student.module.model, plan.student, plan.export_dir,
-                           extra={"stage": self.spec.name})
+        save_export(self.student.module.model, plan.student, plan.export_dir,
+                    extra={"stage": self.spec.name})
         if self.rank == 0:
             from safetensors.torch import save_file
             save_file(probe, str(plan.export_dir / "probe.safetensors"))

@@ -1,7 +1,10 @@
-"""Shared helpers for the tests: running the real entry point, on 1 or 2 DeepSpeed ranks."""
+"""Shared helpers for the tests: the tiny models, running the real entry point in this
+process or on 1 or 2 DeepSpeed ranks."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -10,8 +13,16 @@ from pathlib import Path
 
 import yaml
 
+from distill_engine.cli import main as cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+
+# The tiny ViT of the spec tests: 32 px, 16 tokens of width 32, 2 blocks (timm builds it in
+# milliseconds, also on the meta device).
+TINY_VIT_ARCH = "timm:vit_tiny_patch16_224"
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+            "num_classes": 10}
 
 # A teacher/student pair of tiny ViTs for the 24 px digits shards (FD on 2 CPU ranks in seconds).
 DIGITS_TEACHER = {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2,
@@ -37,6 +48,15 @@ def env() -> dict[str, str]:
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return environment
+
+
+def check_in_process(spec: Path, *extra: str, world_size: int = 2) -> tuple[int, str, str]:
+    """``launch/run.py --check`` through ``distill_engine.cli.main`` in this process (the
+    command line's own code path, without a fresh interpreter's start-up)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(["--spec", str(spec), "--check", "--world-size", str(world_size), *extra])
+    return code, out.getvalue(), err.getvalue()
 
 
 def run_check(spec: Path, *extra: str, world_size: int = 2) -> subprocess.CompletedProcess:
@@ -93,7 +113,8 @@ def sparse_safetensors(path: Path, arch: str, **kwargs) -> Path:
 
 
 def pack_digits(out: Path, *options: str) -> Path:
-    """The digits shards, packed by the command a user runs."""
+    """The digits shards, packed by the command a user runs (the session's ``digits``
+    fixture in conftest.py packs them once for every test)."""
     subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
                     str(out), *options], check=True, capture_output=True, cwd=ROOT, env=env())
     return out

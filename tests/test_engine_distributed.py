@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import DIGITS_STUDENT, DIGITS_TEACHER, pack_digits, run_deepspeed, write_spec
+from helpers import DIGITS_STUDENT, DIGITS_TEACHER, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -23,14 +23,8 @@ TEACHER, STUDENT = DIGITS_TEACHER, DIGITS_STUDENT
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    pack_digits(out, "--holdout", "0.2", "--seed", "0", "--max-samples-per-shard", "250")
-    return out
-
-
-@pytest.fixture(scope="module")
-def fd_spec(tmp_path_factory, digits) -> dict:
+def fd_spec(tmp_path_factory, digits_shards) -> dict:
+    digits = digits_shards
     import timm
     work = tmp_path_factory.mktemp("fd")
     torch.manual_seed(0)

@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from helpers import ROOT
-from launch_main import launch_run
 
 sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 
+from distill_engine.cli import main as cli_main  # noqa: E402
 from distill_engine.memory_plan import plan_stage  # noqa: E402
 from distill_engine.plan import load_plan  # noqa: E402
 
@@ -39,7 +39,7 @@ def plan_output(*args: str) -> tuple[int, str]:
     import io
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = launch_run.main(["--spec", str(ROOT / "jobs" / "fd_vitl.yaml"), "--plan", *args])
+        code = cli_main(["--spec", str(ROOT / "jobs" / "fd_vitl.yaml"), "--plan", *args])
     return code, re.sub(r"\s+", " ", out.getvalue())
 
 

@@ -5,19 +5,24 @@ import pytest
 import timm
 import torch
 
-from distill_engine import models
-from distill_engine.models import ModelRecipe
+from distill_engine import tracing as models
+from distill_engine.families import FAMILIES, ModelRecipe
 from distill_engine.taps import TapError, Taps
+from helpers import TINY_VIT, check_in_process
+
+TIMM = FAMILIES["timm"]
 
 
 def meta(arch: str, **kwargs):
     with torch.device("meta"):
         model = timm.create_model(arch, **kwargs)
-    return model, models.trace(model, torch.zeros(1, 3, kwargs.get("img_size", 224),
-                                                  kwargs.get("img_size", 224), device="meta"))
+    return model, models.trace(model, TIMM, torch.zeros(1, 3, kwargs.get("img_size", 224),
+                                                        kwargs.get("img_size", 224), device="meta"))
 
 
-SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3}
+# The tiny ViT, a block deeper (freezing and pruning need a middle block), without a head.
+SMALL = {**TINY_VIT, "embed_dim": 48, "depth": 3, "num_heads": 3}
+SMALL.pop("num_classes")
 
 
 def test_tinymim_student_freezes_everything_after_its_last_qkv():
@@ -52,7 +57,7 @@ def test_tied_weights_stay_trainable():
             return self.decoder(self.body(self.embed(ids)))
 
     model = Tied()
-    trace = models.trace(model, torch.zeros(1, 3, dtype=torch.long))
+    trace = models.trace(model, TIMM, torch.zeros(1, 3, dtype=torch.long))
     assert models.unreachable_parameters(model, trace, ["body"]) == ["decoder.bias"]
 
 
@@ -82,10 +87,10 @@ def test_wrong_tap_lists_nearest_names():
 
 def test_constant_drop_path_spares_the_last_block():
     recipe = ModelRecipe("timm:vit_tiny_patch16_224", SMALL)
-    model = models.create_student(recipe, 0.1, "constant")
+    model = TIMM.create(recipe, 0.1, "constant")
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]
     assert rates == [0.1, 0.1, 0.0]
-    linear = models.create_student(recipe, 0.1, "linear")
+    linear = TIMM.create(recipe, 0.1, "linear")
     assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in linear.blocks] == pytest.approx([0.0, 0.05, 0.1])
 
 
@@ -95,8 +100,7 @@ def test_hugging_face_models_from_local_directories_plan_with_separate_qkv_taps(
     from safetensors.torch import save_file
     from transformers import AutoModel, BertConfig
 
-    from launch_main import check_in_process
-
+    
     for name, (width, heads) in {"teacher": (64, 4), "student": (32, 2)}.items():
         BertConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=heads,
                    intermediate_size=4 * width, vocab_size=100).save_pretrained(tmp_path / name)

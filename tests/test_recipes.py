@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, sparse_safetensors
-from launch_main import check_in_process
+from helpers import ROOT, check_in_process, sparse_safetensors
 
 
 @pytest.fixture(scope="module")

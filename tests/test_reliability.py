@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import DIGITS_STUDENT, DIGITS_TEACHER, pack_digits, ROOT, env, run_deepspeed, write_spec
+from helpers import DIGITS_STUDENT, DIGITS_TEACHER, ROOT, env, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -36,10 +36,8 @@ TEACHER, STUDENT = DIGITS_TEACHER, DIGITS_STUDENT
 # ---------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    pack_digits(out, "--max-samples-per-shard", "250")
-    return out
+def digits(digits_shards) -> Path:
+    return digits_shards / "train"
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ import torch
 
 from data_shards import DataError, ShardStream
 from data_shards.safety import ShardError, read_shard
-from distill_engine.models import WeightsError, read_state_dict
-from helpers import pack_digits, write_spec
-from launch_main import check_in_process
+from distill_engine.weights import WeightsError, read_state_dict
+from helpers import check_in_process, write_spec
 from test_bad_input import base  # noqa: F401  (a valid spec to break)
 
 
@@ -66,10 +65,8 @@ def test_crafted_pickle_as_teacher_or_init_weights_fails_the_spec(base, crafted_
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    pack_digits(out, "--max-samples-per-shard", "500")
-    return out
+def shards(digits_shards) -> Path:
+    return digits_shards / "train"
 
 
 def test_pipe_urls_run_only_when_allowed_and_are_logged(shards, caplog):

@@ -7,11 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import ROOT, run_check, write_spec
-from launch_main import check_in_process
-
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
-            "num_classes": 10}
+from helpers import ROOT, TINY_VIT, check_in_process, run_check, write_spec
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import pack_digits, run_deepspeed, write_spec
+from helpers import run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -23,10 +23,9 @@ VIT_T = {**GRID, "embed_dim": 16, "depth": 2, "num_heads": 1}
 
 
 @pytest.fixture(scope="module")
-def chain_run(tmp_path_factory) -> Path:
+def chain_run(tmp_path_factory, digits_shards) -> Path:
     import timm
     work = tmp_path_factory.mktemp("chain")
-    pack_digits(work / "digits", "--max-samples-per-shard", "400")
     torch.manual_seed(0)
     save_file(timm.create_model("vit_tiny_patch16_224", **VIT_B).state_dict(),
               str(work / "vit_b.safetensors"))
@@ -34,7 +33,7 @@ def chain_run(tmp_path_factory) -> Path:
                 "student_qkv": "blocks.1.attn.qkv", "chunk_rows": 5}
     spec = {
         "name": "chain-test", "run_dir": str(work / "run"),
-        "data": {"train": str(work / "digits"), "micro_batch_size": 16, "num_workers": 1,
+        "data": {"train": str(digits_shards / "train"), "micro_batch_size": 16, "num_workers": 1,
                  "views": {"geometry": {"size": 16, "scale": [0.6, 1.0], "interpolation": "bilinear"},
                            "views": {"teacher": {}, "student": {"color_jitter": 0.4}}}},
         "optimisation": {"lr": 3e-3, "betas": [0.9, 0.95], "warmup_steps": 2, "steps": STEPS},

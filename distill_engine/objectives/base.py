@@ -8,13 +8,17 @@ An objective is a pair:
   projection) is trained, sharded and checkpointed with the student.
 
 The runtime knows nothing about individual objectives: it asks each config for its taps,
-runs the models, and sums ``weight * objective(student_taps, teacher_taps, batch)``.
+lets each objective ``prepare`` the batch (draw a mask from the step's seeded generator),
+runs the models, and sums ``weight * objective(student_taps, teacher_taps, batch, student)``.
+``student`` runs the student once more on other inputs (an unmasked pass beside a masked
+one) and returns its taps. ``--plan`` asks each built objective for its own memory.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,18 +63,42 @@ class ObjectiveError(ValueError):
     """A config that cannot work with these models (wrong dims, unmatched token layouts)."""
 
 
+# Runs the student on the given inputs and returns its taps (``output`` included).
+StudentPass = Callable[[Any], dict[str, Any]]
+
+
 class Objective(nn.Module):
-    """Base class: ``forward(student_taps, teacher_taps, batch) -> scalar loss``."""
+    """Base class: ``forward(student_taps, teacher_taps, batch, student) -> scalar loss``."""
 
     Config: ClassVar[type[ObjectiveConfig]]
 
     def __init__(self, config: ObjectiveConfig, shapes: TapShapes):
         super().__init__()
         self.config = config
+        self.shapes = {"student": dict(shapes.student), "teacher": dict(shapes.teacher)}
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Changes the batch before any model sees it (a mask drawn from ``generator``,
+        which is seeded per step and rank, so that a resumed run draws the same). The
+        default leaves it as it is."""
+        return batch
 
     def forward(self, student_taps: dict[str, Any], teacher_taps: dict[str, Any],
-                batch: dict[str, Any]) -> torch.Tensor:  # pragma: no cover - abstract
+                batch: dict[str, Any],
+                student: StudentPass | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def memory_per_sample(self) -> tuple[float, str]:
+        """Bytes per sample of the micro-batch this objective holds at its peak (for
+        ``--plan``), and how they were counted. The default: four fp32 copies (cast,
+        normalised, difference, loss) of every tap it reads."""
+        elements = sum(_per_sample(shape) for side in self.shapes.values()
+                       for shape in side.values())
+        return 4 * 4 * elements, "4 fp32 copies of the taps it reads"
+
+
+def _per_sample(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if shape else 0
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -90,3 +118,13 @@ def register(kind: str):
 
 def build_objective(config: ObjectiveConfig, shapes: TapShapes) -> Objective:
     return OBJECTIVES[config.kind](config, shapes)
+
+
+def objective_kind_problem(kind: Any) -> str | None:
+    """Why ``kind`` names no registered objective (with the nearest kind), or None."""
+    import difflib
+    if kind in OBJECTIVES:
+        return None
+    nearest = difflib.get_close_matches(str(kind), list(OBJECTIVES), n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, nearest))}?" if nearest else ""
+    return f"{kind!r} is not an objective kind; kinds: {sorted(OBJECTIVES)}{hint}"

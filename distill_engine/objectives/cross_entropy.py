@@ -20,11 +20,6 @@ class CrossEntropyConfig(ObjectiveConfig):
         return [self.student_tap]
 
 
-def logits_of(output):
-    """Hugging Face models return an output object; timm models return the tensor."""
-    return getattr(output, "logits", output)
-
-
 @register("cross_entropy")
 class CrossEntropy(Objective):
     Config = CrossEntropyConfig
@@ -38,8 +33,8 @@ class CrossEntropy(Objective):
                 f"{config.student_tap!r}, which gives {list(shape)}; give the student "
                 f"num_classes >= 2")
 
-    def forward(self, student_taps, teacher_taps, batch):
+    def forward(self, student_taps, teacher_taps, batch, student=None):
         if "label" not in batch:
             raise KeyError("cross_entropy needs labelled data: the batch has no 'label'")
-        logits = logits_of(student_taps[self.config.student_tap]).float()
+        logits = student_taps[self.config.student_tap].float()
         return F.cross_entropy(logits, batch["label"], label_smoothing=self.config.label_smoothing)

@@ -8,6 +8,7 @@ Loss: SmoothL1 with beta 2.0, averaged over all B*N*Ct elements.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -20,8 +21,9 @@ from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, registe
 
 def feature_distillation_loss(projected_student: torch.Tensor, teacher_tokens: torch.Tensor,
                               beta: float = 2.0, whiten_eps: float = 1e-5) -> torch.Tensor:
-    """SmoothL1(beta) between projected student tokens and whitened teacher tokens, mean."""
-    target = F.layer_norm(teacher_tokens.float(), teacher_tokens.shape[-1:], eps=whiten_eps)
+    """SmoothL1(beta) between projected student tokens and whitened teacher tokens, mean.
+    The teacher's tokens are a target: no gradient flows into them."""
+    target = F.layer_norm(teacher_tokens.detach().float(), teacher_tokens.shape[-1:], eps=whiten_eps)
     return F.smooth_l1_loss(projected_student.float(), target, beta=beta)
 
 
@@ -62,7 +64,11 @@ class FeatureDistillation(Objective):
         # The paper's 1x1 conv over the token map is a per-token linear layer with bias.
         self.projection = nn.Linear(s_shape[-1], t_shape[-1], bias=True)
 
-    def forward(self, student_taps, teacher_taps, batch):
+    def memory_per_sample(self) -> tuple[float, str]:
+        tokens = math.prod(self.shapes["teacher"][self.config.teacher_tap][1:])
+        return 4 * 4 * tokens, "4 fp32 copies of the teacher's tokens (whitened target, projection, difference, loss)"
+
+    def forward(self, student_taps, teacher_taps, batch, student=None):
         cfg = self.config
         projected = self.projection(student_taps[cfg.student_tap])
         return feature_distillation_loss(projected, teacher_taps[cfg.teacher_tap],

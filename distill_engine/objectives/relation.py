@@ -23,6 +23,7 @@ block's [B, h, rows, N] tensors; the value and gradients equal the unchunked one
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -287,7 +288,23 @@ class RelationDistillation(Objective):
             return split_fused_qkv(taps[names[0]])
         return tuple(taps[name] for name in names)
 
-    def forward(self, student_taps, teacher_taps, batch):
+    def memory_per_sample(self) -> tuple[float, str]:
+        """The [h, rows, N] fp32 relation maps: per relation, the student's logits and
+        log-softmax, the teacher's log-softmax and probabilities. Unchunked, both relations'
+        maps are alive together (kept for the backward); chunked, one block of rows at a
+        time (each block is recomputed in the backward)."""
+        cfg = self.config
+        tokens = self.shapes["teacher"][cfg.teacher_taps()[0]][1]
+        relations = (cfg.qk_weight > 0) + (cfg.vv_weight > 0)
+        rows = min(cfg.chunk_rows or tokens, tokens)
+        maps = 4 * self.heads * rows * tokens * (relations if rows == tokens else 1)
+        widths = sum(math.prod(shape[1:]) for side in self.shapes.values() for shape in side.values())
+        how = (f"{relations} relation(s) x 4 maps [h={self.heads}, N={tokens}, N] fp32"
+               if rows == tokens else f"4 maps [h={self.heads}, {rows} rows, N={tokens}] fp32 "
+               f"(chunk_rows {cfg.chunk_rows})")
+        return 4 * (maps + widths), how + " + fp32 q/k/v split into heads"
+
+    def forward(self, student_taps, teacher_taps, batch, student=None):
         cfg = self.config
         return tinymim_relation_loss(self._qkv(student_taps, cfg.student_taps()),
                                      self._qkv(teacher_taps, cfg.teacher_taps()),

@@ -1,0 +1,127 @@
+"""The command line behind ``launch/run.py``:
+``deepspeed [--num_gpus N | --hostfile H] launch/run.py --spec JOB.yaml``.
+
+Also ``python launch/run.py --spec JOB.yaml`` for one process, ``--check`` to validate and
+print the resolved plan without training, ``--plan [--gpu-memory 80GB]`` to estimate
+memory per GPU at ``--world-size`` GPUs. Exit codes: 0 done, 2 bad spec, 1 a failure
+while running (bad weights, bad data, non-finite loss), each with a one-paragraph message.
+Heavy modules (torch, deepspeed) are imported only once they are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="launch/run.py",
+                                     description="Distil a teacher into a student, stage by stage, as a job spec says.")
+    parser.add_argument("--spec", type=Path, required=True, help="the job spec (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set stages.0.optimisation.lr=1e-3")
+    parser.add_argument("--check", action="store_true", help="validate and print the plan")
+    parser.add_argument("--plan", action="store_true",
+                        help="estimate memory per GPU at --world-size GPUs (meta device only; "
+                             "missing weights and shards are warnings)")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="with --plan: memory of one GPU, e.g. 80GB; says whether the job "
+                             "fits and, if not, which setting would make it fit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to check batch arithmetic against (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                        help="stop (with a checkpoint) after this many steps in this run; "
+                             "running the same command again resumes")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by some launchers
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        # Say it ourselves rather than let DeepSpeed warn on every rank that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    is_first_rank = os.environ.get("RANK", "0") == "0"
+
+    from .plan import SpecError, load_plan
+    try:
+        job = load_plan(args.spec, args.set, world_size, missing_inputs_ok=args.plan)
+    except SpecError as err:
+        if is_first_rank:
+            print(err, file=sys.stderr)
+        return 2
+    if args.plan:
+        from .memory_plan import parse_bytes, plan_job
+        from .report import print_memory
+        for where, message in job.warnings:
+            print(f"warning: {where}: {message} (a memory plan needs shapes only)", file=sys.stderr)
+        gpu_memory = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+        return 0 if print_memory(plan_job(job, world_size, gpu_memory), gpu_memory) else 3
+    if args.check:
+        from .report import print_plan
+        print_plan(job)
+        return 0
+    return train(job, args.stop_after)
+
+
+def train(job, stop_after: int | None) -> int:
+    import deepspeed
+    import torch.distributed as dist
+    from data_shards import DataError
+    from .checkpoints import CheckpointError
+    from .progress import console, setup_logging, summary_table
+    from .trainer import NonFiniteLoss, run_job
+    from .weights import WeightsError
+    from rich.markup import escape
+
+    setup_logging(int(os.environ.get("RANK", "0")))
+    if os.environ.get("RANK", "0") != "0":
+        # Other ranks stay quiet: DeepSpeed's op loaders print to stdout on every rank.
+        # Warnings and errors go to stderr, which stays open.
+        sys.stdout = open(os.devnull, "w")
+    timeout = datetime.timedelta(seconds=min(s.deepspeed.timeout_s for s in job.spec.stages))
+    deepspeed.init_distributed(timeout=timeout)
+    rank = dist.get_rank()
+
+    def report(message: str, every_rank: bool = False) -> int:
+        # A verdict every rank reaches together is reported once, by rank 0; a failure of
+        # one rank (its data, its disk, a peer it lost) by the rank it happened on.
+        # escape: messages quote file names and library errors that contain [brackets];
+        # soft_wrap: one unbroken line that grep and log collectors keep whole.
+        if rank == 0 or not every_rank:
+            console.print(f"[red]error on rank {rank}:[/red] {escape(message)}",
+                          highlight=False, soft_wrap=True)
+        return 1
+
+    try:
+        rows = run_job(job, stop_after)
+    except (WeightsError, DataError, NonFiniteLoss, CheckpointError) as err:
+        return report(str(err), isinstance(err, NonFiniteLoss) or
+                      getattr(err, "every_rank", False))
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise  # a bug: keep its traceback
+        return report(f"lost contact with another rank ({str(err).splitlines()[0]}): it died "
+                      f"or stopped answering for deepspeed.timeout_s. Run the same command "
+                      f"again to resume from the newest complete checkpoint")
+    if rank == 0 and rows is not None:
+        console.print(summary_table(rows))
+    dist.barrier()
+    return 0
+
+
+def lost_peer(err: Exception) -> bool:
+    """A collective that failed because another rank died or stopped answering (gloo raises
+    plain RuntimeErrors for timeouts and closed connections)."""
+    import torch.distributed as dist
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(
+        s in text for s in ("Timed out waiting", "Connection closed by peer",
+                            "Connection reset by peer")))

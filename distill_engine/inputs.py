@@ -1,0 +1,39 @@
+"""One path into the models: what a model receives for its role, in training, evaluation
+and the probe alike.
+
+A batch holds one entry per input a model can take: a view per role (``teacher``,
+``student``) or the shared ``image``; token ids per role or the shared ``tokens``. An
+objective's ``prepare`` step may replace the student's entry (a masked copy) before the
+forward, so that the model and the loss see the same mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Entries shared by every role, looked up when a batch has no entry of the role's own.
+SHARED_INPUTS = ("image", "tokens")
+
+
+def model_inputs(batch: dict[str, Any], role: str) -> Any:
+    """The entry named after ``role``, else the shared one."""
+    if role in batch:
+        return batch[role]
+    for shared in SHARED_INPUTS:
+        if shared in batch:
+            return batch[shared]
+    raise KeyError(f"the batch has no input for the {role}: it holds {sorted(batch)}, "
+                   f"expected {role!r} or one of {list(SHARED_INPUTS)}")
+
+
+def to_model(inputs: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """Moves inputs to the model's device; floating tensors (pixels) take the model's dtype,
+    integer ones (token ids, masks) keep theirs."""
+    if isinstance(inputs, dict):
+        return {k: to_model(v, device, dtype) for k, v in inputs.items()}
+    if torch.is_tensor(inputs):
+        return inputs.to(device, dtype if inputs.is_floating_point() else inputs.dtype,
+                         non_blocking=True)
+    return inputs

@@ -1,0 +1,220 @@
+"""What a stage refers to, checked without building anything: earlier stages, files, shard
+directories, batch arithmetic for the world size, and the number of steps.
+
+Every function appends ``(yaml_path, message)`` problems instead of raising, so that one
+run of ``--check`` lists every problem of a spec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .families import ModelRecipe, arch_problem
+from .spec import STAGE_REF, StageSpec
+
+EXPORT_DIR = "export"
+Problems = list[tuple[str, str]]
+
+
+@dataclass
+class StageRefs:
+    """A stage's models as concrete recipes (``stage:NAME`` replaced by what it names)."""
+
+    name: str
+    dir: Path
+    teacher: ModelRecipe | None
+    student: ModelRecipe
+    student_init: Path | None              # weights to start from (None: random init)
+    student_taps: list[str]
+    teacher_taps: list[str]
+
+    @property
+    def export_dir(self) -> Path:
+        return self.dir / EXPORT_DIR
+
+
+@dataclass
+class StepCount:
+    """Optimizer steps of a stage, known at plan time when the budget is in steps or the
+    shard index says how many samples an epoch has."""
+
+    total: int | None
+    warmup: int | None
+    batches_per_epoch: int | None
+
+
+# ---------------------------------------------------------------------------- references
+
+def resolve_references(run_dir: Path, stages: list[StageSpec | None],
+                       raw_names: list[str | None], problems: Problems) -> list[StageRefs | None]:
+    """Stage references and architectures. Stages that failed validation are None: they
+    are skipped, and references to them are not reported twice."""
+    refs: list[StageRefs | None] = []
+    names: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        here = f"stages[{i}]"
+        if stage is None:
+            if raw_names[i] is not None:
+                names.setdefault(raw_names[i], i)
+            refs.append(None)
+            continue
+        if stage.name in names:
+            problems.append((f"{here}.name", f"stage name {stage.name!r} is used twice"))
+        names.setdefault(stage.name, i)
+
+        def earlier(ref: str, path: str) -> StageRefs | None:
+            target = ref.split(":", 1)[1]
+            if target == stage.name:
+                problems.append((path, f"stage {stage.name!r} refers to itself"))
+            elif target not in names or names[target] >= i:
+                known = [r.name for r in refs if r is not None]
+                problems.append((path, f"{ref!r} is not an earlier stage; earlier stages: {known}"))
+            else:
+                return refs[names[target]]  # None if that stage is itself invalid
+            return None
+
+        student = None
+        if stage.student.arch.startswith(STAGE_REF):
+            source = earlier(stage.student.arch, f"{here}.student.arch")
+            if source:
+                student = ModelRecipe(source.student.arch,
+                                      {**source.student.kwargs, **stage.student.kwargs})
+        else:
+            student = ModelRecipe(stage.student.arch, dict(stage.student.kwargs))
+        student_init = None
+        if stage.student.init.startswith(STAGE_REF):
+            source = earlier(stage.student.init, f"{here}.student.init")
+            if source:
+                student_init = source.export_dir / "model.safetensors"
+        elif stage.student.init != "scratch":
+            student_init = Path(stage.student.init)
+            if not student_init.is_file():
+                problems.append((f"{here}.student.init",
+                                 f"weights file {student_init} does not exist (or use 'scratch' "
+                                 "or 'stage:NAME')"))
+
+        teacher = None
+        if stage.teacher is not None:
+            if stage.teacher.arch.startswith(STAGE_REF):
+                source = earlier(stage.teacher.arch, f"{here}.teacher.arch")
+                if source:
+                    teacher = ModelRecipe(source.student.arch, source.student.kwargs,
+                                          source.export_dir / "model.safetensors")
+            else:
+                teacher = ModelRecipe(stage.teacher.arch, dict(stage.teacher.kwargs),
+                                      stage.teacher.weights)
+                if stage.teacher.weights is not None and not stage.teacher.weights.is_file():
+                    problems.append((f"{here}.teacher.weights",
+                                     f"weights file {stage.teacher.weights} does not exist"))
+                elif stage.teacher.weights is None:
+                    problems.append((f"{here}.teacher.weights",
+                                     "a teacher needs weights: a local .safetensors or torch "
+                                     "state-dict file (teachers are never randomly initialised)"))
+
+        for role, recipe, spec in (("student", student, stage.student),
+                                   ("teacher", teacher, stage.teacher)):
+            # An architecture taken from an earlier stage was checked there.
+            if recipe is not None and not spec.arch.startswith(STAGE_REF):
+                if problem := arch_problem(recipe.arch):
+                    problems.append((f"{here}.{role}.arch", problem))
+
+        taps_s = sorted({t for o in stage.objectives for t in o.student_taps()})
+        taps_t = sorted({t for o in stage.objectives for t in o.teacher_taps()})
+        refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, student, student_init,
+                              taps_s, taps_t) if student is not None else None)
+    return refs
+
+
+# ---------------------------------------------------------------------------- files
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") and "{" not in url
+
+
+def read_index(url: str) -> dict[str, Any] | None:
+    """The shard index of a local shard directory or index file, if there is a readable one."""
+    path = Path(url)
+    index = path / "index.json" if path.is_dir() else path
+    if index.suffix == ".json" and index.is_file():
+        try:
+            raw = json.loads(index.read_text())
+            return raw if isinstance(raw, dict) else None
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def check_files(stage: StageSpec, here: str, problems: Problems) -> None:
+    """DeepSpeed configs and shard locations the runtime will read."""
+    for key in ("teacher_config", "student_config"):
+        path = getattr(stage.deepspeed, key)
+        if not path.is_file():
+            problems.append((f"{here}.deepspeed.{key}", f"DeepSpeed config {path} does not exist"))
+        else:
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                problems.append((f"{here}.deepspeed.{key}", f"{path} is not valid JSON: {err}"))
+    data = stage.data
+    for key in ("train", "eval"):
+        urls = getattr(data, key)
+        for url in [urls] if isinstance(urls, str) else (urls or []):
+            if url.startswith("pipe:") and not data.allow_pipe:
+                problems.append((f"{here}.data.{key}",
+                                 f"{url!r} runs a shell command; set data.allow_pipe: true "
+                                 "to permit 'pipe:' urls"))
+            elif _is_local(url) and not Path(url).exists():
+                problems.append((f"{here}.data.{key}",
+                                 f"{url} does not exist (pack shards with "
+                                 "'python -m data_shards pack SOURCE --out DIR')"))
+    if stage.eval is not None and data.eval is None:
+        problems.append((f"{here}.eval", "evaluation needs held-out shards in data.eval"))
+
+
+# ---------------------------------------------------------------------------- batches and steps
+
+def global_batch(stage: StageSpec, world_size: int) -> int:
+    return (stage.data.micro_batch_size * world_size
+            * stage.optimisation.gradient_accumulation_steps)
+
+
+def check_batch(stage: StageSpec, here: str, world_size: int, problems: Problems) -> None:
+    data, opt = stage.data, stage.optimisation
+    total = global_batch(stage, world_size)
+    if data.global_batch_size is not None and data.global_batch_size != total:
+        problems.append((f"{here}.data.global_batch_size",
+                         f"{data.global_batch_size} != micro_batch_size {data.micro_batch_size} "
+                         f"x {world_size} ranks x gradient_accumulation_steps "
+                         f"{opt.gradient_accumulation_steps} = {total}; change one of them"))
+
+
+def batches_per_epoch(samples_per_epoch: int, micro_batch: int, world_size: int) -> int:
+    """The stream's own arithmetic: every rank gives the same number of batches an epoch."""
+    return math.ceil(samples_per_epoch / (micro_batch * world_size))
+
+
+def count_steps(stage: StageSpec, world_size: int, batches: int | None = None) -> StepCount:
+    """(optimizer steps, warm-up steps) from steps or epochs. ``batches``: batches per epoch
+    (the stream's); by default from ``samples_per_epoch`` or the training shards' index."""
+    data, opt = stage.data, stage.optimisation
+    if batches is None:
+        samples = data.samples_per_epoch
+        if samples is None and isinstance(data.train, str):
+            total = (read_index(data.train) or {}).get("total")
+            samples = total if isinstance(total, int) and total > 0 else None
+        if samples is not None:
+            batches = batches_per_epoch(samples, data.micro_batch_size, world_size)
+    if batches is None:
+        warmup = opt.warmup_steps if opt.warmup_epochs is None else None
+        if opt.steps is not None and warmup is not None:
+            warmup = min(warmup, max(opt.steps - 1, 0))
+        return StepCount(opt.steps, warmup, None)
+    steps_per_epoch = batches / opt.gradient_accumulation_steps
+    total = opt.steps if opt.steps is not None else max(1, math.ceil(opt.epochs * steps_per_epoch))
+    warmup = (opt.warmup_steps if opt.warmup_epochs is None
+              else math.ceil(opt.warmup_epochs * steps_per_epoch))
+    return StepCount(total, min(warmup, max(total - 1, 0)), batches)
