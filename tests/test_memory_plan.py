@@ -66,3 +66,32 @@ def test_sharding_and_checkpointing_shrink_what_they_should():
                    world_size=8, missing_inputs_ok=True)
     with_ckpt = {l.what: l.bytes for l in plan_stage(on.stages[0], 8).lines}
     assert with_ckpt["student activations"] < at[8]["student activations"] / 4
+
+
+def relation_plan(tmp_path, chunk_rows):
+    from helpers import TINY_VIT, TINY_VIT_ARCH, write_spec
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    spec = {"name": "relation", "run_dir": str(tmp_path / "run"),
+            "data": {"train": str(tmp_path / "shards"), "micro_batch_size": 8,
+                     "views": {"geometry": {"size": TINY_VIT["img_size"]}}},
+            "optimisation": {"lr": 1e-4, "steps": 3},
+            "stages": [{"name": "tinymim",
+                        "teacher": {"arch": TINY_VIT_ARCH, "kwargs": TINY_VIT,
+                                    "weights": str(tmp_path / "absent.safetensors")},
+                        "student": {"arch": TINY_VIT_ARCH, "kwargs": TINY_VIT},
+                        "objectives": [{"kind": "relation", "student_qkv": "blocks.1.attn.qkv",
+                                        "teacher_qkv": "blocks.1.attn.qkv",
+                                        "chunk_rows": chunk_rows}]}]}
+    job = load_plan(write_spec(tmp_path / f"job{chunk_rows}.yaml", spec), missing_inputs_ok=True)
+    memory = plan_stage(job.stages[0], world_size=1)
+    return next(line for line in memory.lines if line.what == "objective")
+
+
+def test_plan_counts_the_relation_maps_and_fewer_with_chunk_rows(tmp_path):
+    tokens, heads, batch = 17, 2, 8          # 32 px / 8 px patches + CLS; TINY_VIT's heads
+    whole = relation_plan(tmp_path, None)
+    # Q-K and V-V relations, each at least one [h, N, N] fp32 map per sample.
+    assert whole.bytes >= 2 * heads * tokens * tokens * 4 * batch, whole
+    chunked = relation_plan(tmp_path, 4)
+    assert chunked.bytes < whole.bytes / 2, (chunked, whole)
+    assert "chunk_rows 4" in chunked.note

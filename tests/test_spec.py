@@ -165,3 +165,16 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     spec_file.write_text("\n".join(levels) + "\nname: *h\n")  # 9**8 = 43 million leaves
     code, _, err = check_in_process(spec_file)
     assert code == 2 and "aliases (*name) expand" in err
+
+
+def test_check_prints_the_step_count_of_an_epoch_budget(tmp_path, good_spec, digits_shards):
+    """Steps are resolved at plan time from the shard index: 1,408 samples / (4 x 2 ranks)
+    = 176 batches an epoch, 2 epochs = 352 steps, half an epoch of warm-up = 88."""
+    spec = copy.deepcopy(good_spec)
+    spec["data"]["train"] = str(digits_shards / "train")
+    spec["optimisation"] = {"lr": 1e-3, "epochs": 2, "warmup_epochs": 0.5}
+    code, out, err = check_in_process(write_spec(tmp_path / "job.yaml", spec), world_size=2)
+    assert code == 0, err
+    text = " ".join(out.replace("│", " ").split())
+    assert "2.0 epochs = 352 steps (176 batches per epoch per rank)" in text, text
+    assert "88 steps warm-up" in text
