@@ -42,7 +42,7 @@ def main() -> None:
         teachers[name], _ = random_teacher(job.stages[0])
         common.trim()
         held[name] = common.rss() - before
-        params[name] = job.stages[0].teacher_params_kept
+        params[name] = job.stages[0].models.teacher_params_kept
     images = next(common.fixed_batches(args.batch, 224))["image"]
     for teacher in teachers.values():
         teacher(images)  # warm-up

@@ -41,7 +41,7 @@ def measure(teacher: str, ranks: int, batch: int, forwards: int) -> list[dict]:
     planned = {l.what: l.bytes for l in memory.lines}
     for row in rows:
         row["planned"] = planned["teacher shard"] + planned["teacher activations"]
-        row["params"] = job.stages[0].teacher_params_kept
+        row["params"] = job.stages[0].models.teacher_params_kept
     return rows
 
 
