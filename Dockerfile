@@ -27,7 +27,7 @@ ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CH
 # gcc, python3.11-dev and ninja stay in both images: DeepSpeed JIT-builds any op not built here.
 RUN apt-get update && apt-get install -y --no-install-recommends \
         python3.11 python3.11-venv python3.11-dev build-essential git openssh-client pdsh \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /work
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
