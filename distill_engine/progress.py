@@ -129,8 +129,8 @@ class StageProgress:
         self.rate = (step - self._last_step) * self.samples_per_step / max(now - self._last_time,
                                                                            1e-9)
         self._last_time, self._last_step = now, step
-        averaged = {k: self._sums[k] / self._count for k in self._sums
-                    if k == "loss" or k.startswith("loss/")}
+        averaged = {k: round(v / self._count, 5) if k.endswith("_s") else v / self._count
+                    for k, v in self._sums.items()}
         share = self._sums.get("data_wait_s", 0.0) / max(self._sums.get("step_s", 0.0), 1e-9)
         out = {**record, **averaged, "steps_averaged": self._count,
                "samples_per_s": round(self.rate, 2), "data_wait_share": round(share, 4)}
