@@ -25,11 +25,11 @@ from data_shards.keys import derive_seed
 
 from . import checkpoints, faults
 from .engines import build_student, build_teacher, shard_counts
+from .evaluation import Evaluation
 from .export import class_names, make_readable, preprocessing, save_export
 from .families import first_tensor
 from .inputs import model_inputs, to_model
 from .plan import JobPlan, StagePlan
-from .evaluation import Evaluation
 from .plots import plot_losses, plot_summary
 from .progress import StageProgress
 from .resolve import count_steps
