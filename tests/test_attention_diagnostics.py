@@ -57,6 +57,7 @@ def test_uniform_and_self_attention_give_the_known_distances_and_similarities():
     model = hand_made_vit({1: [1]})
     stats = attention_statistics(model, [torch.randn(3, 3, 8, 8), torch.randn(2, 3, 8, 8)])
     assert stats["samples"] == 5 and stats["grid"] == [2, 2] and stats["patch_size_px"] == 4
+    assert stats["uniform_distance_px"] == pytest.approx(4 * UNIFORM_DISTANCE)
     first, second = stats["layers"]
     # Layer 0: both heads uniform; identical maps.
     assert first["mean_distance_patches"] == pytest.approx([UNIFORM_DISTANCE] * 2, abs=1e-5)

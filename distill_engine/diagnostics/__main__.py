@@ -127,6 +127,13 @@ def plot(results: dict, png: Path) -> None:
         similarity_ax.plot([l["layer"] for l in result["layers"]],
                            [l["head_similarity"] for l in result["layers"]], marker="o",
                            color=colour, label=label)
+    uniform = {round(r["uniform_distance_px"], 3) for r in results.values()}
+    if len(uniform) == 1:  # one grid: the distance of uniform attention is a useful yardstick
+        distance_ax.axhline(uniform.pop(), color="grey", linestyle="--", linewidth=1,
+                            label="uniform attention")
+    layers = max(len(r["layers"]) for r in results.values())
+    for ax in (distance_ax, similarity_ax):
+        ax.set_xticks(range(layers))
     distance_ax.set_xlabel("layer")
     distance_ax.set_ylabel("average attention distance (pixels), one dot per head")
     distance_ax.set_title("attention distance: lower is more local")

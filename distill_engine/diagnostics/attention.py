@@ -114,5 +114,7 @@ def attention_statistics(model: nn.Module, images: Iterable[torch.Tensor]) -> di
                        "mean_distance_px": [d * patch_px for d in per_head],
                        "mean_distance_patches": per_head,
                        "head_similarity": (similarity / samples).item()})
+    # The reference: the distance of a head that attends to every patch alike.
+    uniform = distances.mean().item()
     return {"grid": list(grid), "patch_size_px": patch_px, "prefix_tokens": prefix,
-            "samples": samples, "layers": layers}
+            "samples": samples, "uniform_distance_px": uniform * patch_px, "layers": layers}
