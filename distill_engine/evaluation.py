@@ -18,7 +18,6 @@ no random numbers; it also runs under a forked RNG so that it can never shift tr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 

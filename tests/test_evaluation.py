@@ -82,3 +82,26 @@ def test_knn_of_separable_clusters_is_exact():
     test = torch.nn.functional.normalize(centres[test_labels] + noise(40), dim=-1)
     assert knn_votes(train, train_labels, test, test_labels, k=20, temperature=0.07,
                      chunk=7) == (40, 40)
+
+
+def test_evaluation_leaves_the_training_random_state_as_it_was(digits_shards):
+    """Training's dropout and drop path draw from torch's global generator; an evaluation
+    between two steps must not shift what they draw (the quickstart's accuracies stay the
+    same with periodic evaluation)."""
+    from data_shards import ShardIndex
+    from distill_engine.evaluation import Evaluation
+
+    class DrawingEncoder(torch.nn.Module):  # a model that draws random numbers as it runs
+        def forward(self, inputs, features=False):
+            pixels = torch.nn.functional.adaptive_avg_pool2d(inputs, 8).flatten(1)
+            return pixels + 0.01 * torch.rand(pixels.shape)
+
+    stage = job(data_eval=str(digits_shards / "holdout")).stages[0].model_copy(update={
+        "data": job(data_eval=str(digits_shards / "holdout")).stages[0].data.model_copy(
+            update={"train": str(digits_shards / "train")})})
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    result = Evaluation(stage, torch.device("cpu"), torch.float32)(DrawingEncoder())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert result["samples"] == ShardIndex.load(digits_shards / "holdout").total
+    assert 0.5 < result["knn_accuracy"] <= 1.0  # raw pixels of digits are good neighbours
