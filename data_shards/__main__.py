@@ -23,32 +23,35 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+EXIT_CODES = "exit codes: 0 done; 1 verify found bad samples; 2 bad arguments or unreadable data (one-paragraph message)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_shards", description="Pack, verify and inspect webdataset shards.")
+    parser = argparse.ArgumentParser(prog="python -m data_shards", description="Pack, verify and inspect webdataset shards.", epilog=EXIT_CODES)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pack = commands.add_parser("pack", help="write shards and index.json from an image folder, a manifest, text or sklearn:digits")
+    pack = commands.add_parser("pack", epilog=EXIT_CODES, help="write shards and index.json from an image folder, a manifest, text or sklearn:digits")
     pack.add_argument("source", help="image folder (ImageFolder layout or flat), manifest .jsonl/.csv, text .txt/.jsonl, or sklearn:digits")
     pack.add_argument("--out", required=True, help="output directory")
     pack.add_argument("--prefix", help="shard name prefix (default: from the source's name)")
     limit = pack.add_mutually_exclusive_group()
-    limit.add_argument("--max-samples-per-shard", type=int, metavar="N")
+    limit.add_argument("--max-samples-per-shard", type=int, metavar="N", help="at most N samples per shard (instead of --max-shard-bytes)")
     limit.add_argument("--max-shard-bytes", type=parse_size, metavar="SIZE", help="e.g. 500MB (default 1GB)")
     pack.add_argument("--resize-max-side", type=int, metavar="PX", help="downscale images whose longer side exceeds PX (re-encoded as PNG)")
     pack.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="K", help="encoding processes")
     pack.add_argument("--holdout", type=float, metavar="FRACTION", help="also write a held-out split (by stable key) to OUT/holdout")
     pack.add_argument("--seed", type=int, default=0, help="seed of the holdout split and of the sample order")
-    pack.add_argument("--no-progress", action="store_true")
+    pack.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts and logs)")
 
-    verify = commands.add_parser("verify", help="decode every sample of every shard; exit 1 if any is bad")
-    verify.add_argument("directory")
+    verify = commands.add_parser("verify", epilog=EXIT_CODES, help="decode every sample of every shard; exit 1 if any is bad")
+    verify.add_argument("directory", help="a shard directory with index.json (or a directory holding several, e.g. train/ and holdout/)")
     verify.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs in the index")
 
-    inspect = commands.add_parser("inspect", help="print a few samples and optionally write a contact sheet")
-    inspect.add_argument("directory")
-    inspect.add_argument("--count", type=int, default=8)
+    inspect = commands.add_parser("inspect", epilog=EXIT_CODES, help="print a few samples and optionally write a contact sheet")
+    inspect.add_argument("directory", help="a shard directory with index.json")
+    inspect.add_argument("--count", type=int, default=8, help="samples to print (default 8)")
     inspect.add_argument("--png", metavar="FILE", help="write a contact sheet of the images")
-    inspect.add_argument("--allow-pipe", action="store_true")
+    inspect.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs in the index")
     return parser
 
 

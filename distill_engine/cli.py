@@ -19,8 +19,19 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="launch/run.py",
-                                     description="Distil a teacher into a student, stage by stage, as a job spec says.")
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch/run.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distil a teacher into a student, stage by stage, as a job spec says.\n"
+                    "Train: deepspeed --num_gpus N launch/run.py --spec JOB.yaml",
+        epilog="exit codes:\n"
+               "  0  done (or --check / --plan: the spec is valid, the plan fits)\n"
+               "  1  a failure while running (bad weights, bad data, non-finite loss, lost rank)\n"
+               "  2  bad spec or arguments (every problem listed with its YAML path)\n"
+               "  3  --plan with --gpu-memory: some stage does not fit")
     parser.add_argument("--spec", type=Path, required=True, help="the job spec (YAML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field, e.g. --set stages.0.optimisation.lr=1e-3")
@@ -37,8 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="stop (with a checkpoint) after this many steps in this run; "
                              "running the same command again resumes")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by some launchers
-    return parser.parse_args(argv)
+                        help="set by the deepspeed launcher; not for users")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,8 @@ class StudentModel(TappedModel):
 
     ``forward(inputs, teacher_taps, batch)`` returns the weighted total loss and the
     unweighted term per objective; ``forward(inputs)`` alone returns the model's output
-    tensor (evaluation); ``return_taps=True`` returns the taps and the output.
+    tensor (evaluation); ``return_taps=True`` returns the taps and the output;
+    ``features=True`` the pooled features [B, D] (kNN evaluation).
     """
 
     def __init__(self, model: nn.Module, family: ModelFamily, objectives: list[Objective]):
@@ -151,7 +152,10 @@ class StudentModel(TappedModel):
         return batch
 
     def forward(self, inputs: Any, teacher_taps: dict[str, Any] | None = None,
-                batch: dict[str, Any] | None = None, return_taps: bool = False):
+                batch: dict[str, Any] | None = None, return_taps: bool = False,
+                features: bool = False):
+        if features:  # the pooled representation a kNN evaluation compares
+            return self.family.features(self.model, inputs)
         if batch is None and not return_taps:
             return self.family.output_tensor(self.family.forward(self.model, inputs))
         student_taps = self.run(inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from .evaluation import describe as describe_evaluation
 from .memory_plan import USABLE_FRACTION, StageMemory, gib
 from .plan import JobPlan
 
@@ -79,6 +80,7 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
                       f"clip {opt.grad_clip}")
         table.add_row("data", f"train {data.train}; eval {data.eval}; "
                       f"{data.views.geometry.size}px views {list(data.views.views)}")
+        table.add_row("evaluation", describe_evaluation(stage))
         table.add_row("deepspeed", f"teacher {stage.deepspeed.teacher_config}, "
                       f"student {stage.deepspeed.student_config}")
         console.print(table)

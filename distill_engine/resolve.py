@@ -171,7 +171,9 @@ def check_files(stage: StageSpec, here: str, problems: Problems) -> None:
                 problems.append((f"{here}.data.{key}",
                                  f"{url} does not exist (pack shards with "
                                  "'python -m data_shards pack SOURCE --out DIR')"))
-    if stage.eval is not None and data.eval is None:
+    # Evaluation is on by default wherever data.eval is given; an eval section written
+    # without held-out shards would do nothing, so it is refused.
+    if "eval" in stage.model_fields_set and stage.eval is not None and data.eval is None:
         problems.append((f"{here}.eval", "evaluation needs held-out shards in data.eval"))
 
 

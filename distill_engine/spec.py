@@ -148,12 +148,23 @@ class CheckpointSpec(Strict):
 
 class LoggingSpec(Strict):
     every_steps: int = Field(10, ge=1)
-    plot: bool = Field(True, description="write a loss-curve PNG per stage")
+    plot: bool = Field(True, description="write a loss-curve PNG per stage and a job summary PNG")
+    tensorboard: bool = Field(True, description="write TensorBoard event files under STAGE/"
+                                                "tensorboard when the tensorboard package is installed")
 
 
 class EvalSpec(Strict):
+    """On whenever ``data.eval`` names held-out shards (``eval: null`` turns it off). The
+    default evaluates once, at the end: a periodic evaluation costs a pass over the held-out
+    split (and, for kNN, over the whole training split), which on large data can cost more
+    than the training between two evaluations, so it is asked for with ``every_steps``."""
+
     at_end: bool = True
+    every_steps: int | None = Field(None, ge=1, description="also evaluate every N steps")
     batch_size: int = Field(64, ge=1)
+    knn_k: int = Field(20, ge=1, description="neighbours of the kNN accuracy (stages that "
+                                               "train no classifier)")
+    knn_temperature: float = Field(0.07, gt=0.0, description="kNN vote weight exp(cos / T)")
 
 
 def _objective_union():
@@ -174,7 +185,8 @@ class StageSpec(Strict):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
-    eval: EvalSpec | None = None
+    eval: EvalSpec | None = Field(default_factory=EvalSpec,
+                                  description="evaluation on data.eval; null: none")
 
     @model_validator(mode="after")
     def _teacher_when_needed(self):

@@ -20,16 +20,18 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_shards import EvalStream, ShardStream, ViewsConfig
+from data_shards import ShardStream
 from data_shards.keys import derive_seed
 
 from . import checkpoints, faults
 from .engines import build_student, build_teacher, shard_counts
-from .export import save_export
+from .evaluation import Evaluation
+from .export import class_names, make_readable, preprocessing, save_export
 from .families import first_tensor
 from .inputs import model_inputs, to_model
 from .plan import JobPlan, StagePlan
-from .progress import StageProgress, plot_losses
+from .plots import plot_losses, plot_summary
+from .progress import StageProgress
 from .resolve import count_steps
 
 log = logging.getLogger("distill_engine")
@@ -190,7 +192,10 @@ class StageTrainer:
         every_log = self.spec.logging.every_steps
         every_save = self.spec.checkpointing.every_steps
         progress = StageProgress(self.spec.name, self.plan.dir, self.total_steps, self.step,
-                                 self.plan.global_batch, enabled=self.rank == 0)
+                                 self.plan.global_batch, enabled=self.rank == 0,
+                                 tensorboard=self.spec.logging.tensorboard)
+        evaluation = Evaluation(self.spec, self.device, self.student_dtype)
+        result: dict[str, Any] = {}
         first_loss = None
         try:
             while self.step < stop_at:
@@ -212,52 +217,26 @@ class StageTrainer:
                 first_loss = first_loss if first_loss is not None else record["loss"]
                 log_now = self.step % every_log == 0 or self.step in (1, self.total_steps)
                 progress.step(self.step, record, log_now)
+                if evaluation.due(self.step, self.total_steps):
+                    progress.evaluation(self.step, evaluation(self.student))
                 if self.step % every_save == 0 or self.step == stop_at:
                     self.save()
+            if self.step == self.total_steps and evaluation.at_end():
+                result = evaluation(self.student)
+                progress.evaluation(self.step, result)
         finally:
             progress.close()
         if self.step < self.total_steps:
             log.info("%s: stopped after step %d of %d as asked; run the same command again to "
                      "resume", self.spec.name, self.step, self.total_steps)
             return None
-        accuracy = self.evaluate() if self.spec.eval is not None else None
-        return self.finish(first_loss, accuracy)
+        return self.finish(first_loss, result)
 
     def save(self) -> None:
         checkpoints.save(self.student, self.checkpoint_dir, self.step,
                          {"step": self.step, "stream": self.stream.state_dict(),
                           "stage": self.spec.name, "nonfinite_skipped_steps": self.skipped_steps},
                          keep=self.spec.checkpointing.keep)
-
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Top-1 accuracy on the held-out shards, every sample counted once across ranks."""
-        data = self.spec.data
-        student_view = data.views.views.get("student", data.views.views.get(
-            "image", next(iter(data.views.views.values()))))
-        geometry = data.views.geometry.model_copy(update={"crop": "center", "hflip": 0.0})
-        views = ViewsConfig(geometry=geometry,
-                            views={"image": student_view.model_copy(update={"color_jitter": None})})
-        stream = EvalStream(data.eval, batch_size=self.spec.eval.batch_size, rank=self.rank,
-                            world_size=self.world_size, views=views)
-        self.student.eval()
-        counts = torch.zeros(2, dtype=torch.float64)
-        for batch in stream:
-            logits = self.student(to_model(model_inputs(batch, "student"), self.device,
-                                           self.student_dtype))
-            predictions = logits.argmax(-1).cpu()
-            valid = batch["valid"]
-            counts[0] += (predictions[valid] == batch["label"][valid]).sum()
-            counts[1] += valid.sum()
-        self.student.train()
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        accuracy = (counts[0] / counts[1]).item() if counts[1] else float("nan")
-        log.info("%s: held-out accuracy %.2f%% on %d samples", self.spec.name, 100 * accuracy,
-                 int(counts[1]))
-        return accuracy
 
     # ------------------------------------------------------------------ the end
 
@@ -280,12 +259,15 @@ class StageTrainer:
                 probe[f"tap/{name}"] = value.detach().float().cpu().contiguous()
         return probe
 
-    def finish(self, first_loss: float | None, accuracy: float | None) -> dict[str, Any]:
-        """Exports the student (safetensors that timm loads), the resolved spec and metrics."""
+    def finish(self, first_loss: float | None, evaluated: dict[str, Any]) -> dict[str, Any]:
+        """Exports the student (in its family's format), the probe, the resolved spec and
+        the metrics (with the last evaluation: ``accuracy`` of the head, or ``knn_accuracy``
+        of the features)."""
         plan = self.plan
         probe = self.probe()
         save_export(self.student.module.model, plan.student, plan.export_dir,
-                    extra={"stage": self.spec.name})
+                    extra={"stage": self.spec.name, "data_config": preprocessing(self.spec.data),
+                           "label_names": class_names(self.spec.data)})
         if self.rank == 0:
             from safetensors.torch import save_file
             save_file(probe, str(plan.export_dir / "probe.safetensors"))
@@ -294,7 +276,8 @@ class StageTrainer:
             "teacher": self.spec.teacher.arch if self.spec.teacher else None,
             "teacher_weights": str(plan.teacher.weights) if plan.teacher else None,
             "student": plan.student.arch, "steps": self.total_steps,
-            "first_loss": first_loss, "last_loss": None, "accuracy": accuracy,
+            "first_loss": first_loss, "last_loss": None,
+            "accuracy": evaluated.get("accuracy"), "knn_accuracy": evaluated.get("knn_accuracy"),
             "export": str(plan.export_dir / "model.safetensors"),
         }
         if self.rank == 0:
@@ -304,13 +287,14 @@ class StageTrainer:
                 summary["first_loss"] = records[0]["loss"]
                 summary["last_loss"] = records[-1]["loss"]
             if self.spec.logging.plot:
-                plot_losses(plan.dir / "metrics.jsonl", plan.dir / "loss.png",
+                plot_losses(plan.dir, plan.dir / "loss.png",
                             f"{self.job.spec.name} / {self.spec.name}")
             (plan.export_dir / "spec.yaml").write_text(
                 yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
             done = plan.export_dir / "metrics.json"
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(summary, indent=2))
+            make_readable(plan.export_dir)
             tmp.replace(done)  # last: its presence marks the stage as complete
         if dist.is_initialized():
             dist.barrier()
@@ -336,4 +320,8 @@ def run_job(job: JobPlan, stop_after: int | None = None) -> list[dict[str, Any]]
         if row is None:
             return None
         rows.append(row)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and job.spec.stages[-1].logging.plot:
+        plot_summary(rows, [plan.dir for plan in job.stages], job.spec.run_dir / "summary.png",
+                     job.spec.name)
     return rows

@@ -1,5 +1,6 @@
 """The real DeepSpeed engine on 2 CPU ranks (gloo): a ZeRO-3 teacher sharded across the
-ranks, Feature Distillation whose loss falls, exact resume, and an export that timm loads.
+ranks, Feature Distillation whose loss falls, exact resume, an export that timm loads in one
+line, and the evaluation that ``data.eval`` alone turns on (kNN, since FD trains no head).
 
 One job spec serves all three launches: a straight 12-step run, and the same run stopped
 after 6 steps and resumed by running the same command again.
@@ -8,6 +9,8 @@ after 6 steps and resumed by running the same command again.
 from __future__ import annotations
 
 import json
+import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -32,12 +35,15 @@ def fd_spec(tmp_path_factory, digits_shards) -> dict:
     save_file(teacher.state_dict(), str(work / "teacher.safetensors"))
     return {
         "name": "fd-test", "run_dir": str(work / "run"), "seed": 3,
-        "data": {"train": str(digits / "train"), "micro_batch_size": 16, "num_workers": 1,
+        # data.eval and no eval section: evaluation is on, every 6 steps and at the end.
+        "data": {"train": str(digits / "train"), "eval": str(digits / "holdout"),
+                 "micro_batch_size": 16, "num_workers": 1,
                  "views": {"geometry": {"size": 24, "crop": "random_resized", "scale": [0.5, 1.0],
                                         "hflip": 0.5, "interpolation": "bilinear"}}},
         "optimisation": {"lr": 3e-3, "warmup_steps": 2, "steps": STEPS, "grad_clip": 3.0},
         "checkpointing": {"every_steps": 6, "keep": 2},
         "logging": {"every_steps": 1},
+        "eval": {"every_steps": 6},
         "stages": [{
             "name": "fd",
             "teacher": {"arch": "timm:vit_tiny_patch16_224", "kwargs": TEACHER,
@@ -55,10 +61,15 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def straight_run(fd_spec, tmp_path_factory) -> Path:
+def straight(fd_spec, tmp_path_factory):
     spec_file = write_spec(tmp_path_factory.mktemp("straight") / "job.yaml", fd_spec)
     result = run_deepspeed(spec_file)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def straight_run(fd_spec, straight) -> Path:
     return Path(fd_spec["run_dir"])
 
 
@@ -87,19 +98,59 @@ def test_run_writes_what_a_user_reads(straight_run):
     assert tags == ["step00000006", "step00000012"]
 
 
-def test_export_loads_in_timm_and_gives_the_engines_features(straight_run):
+def test_export_loads_in_one_line_and_computes_the_probe(straight_run):
     import timm
+    from timm.data import resolve_data_config
     export = straight_run / "fd" / "export"
-    card = json.loads((export / "model.json").read_text())
-    model = timm.create_model(card["arch"].removeprefix("timm:"), pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
-                              **card["kwargs"]).eval()
+    model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     probe = load_file(str(export / "probe.safetensors"))
     with torch.no_grad():
         features = model.forward_features(probe["input"])
-    torch.testing.assert_close(features, probe["tap/norm"], rtol=1e-4, atol=1e-5)
+        logits = model(probe["input"])
+    # The same computation as the engine's student, classifier included (a classifier that
+    # timm re-initialised would differ by whole units).
+    torch.testing.assert_close(features, probe["tap/norm"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, probe["tap/output"], rtol=1e-5, atol=1e-6)
+    # How the student was fed and what its classes are, as timm reports them.
+    config = resolve_data_config({}, model=model)
+    assert config["input_size"] == (3, 24, 24) and config["interpolation"] == "bilinear"
+    assert list(config["mean"]) == pytest.approx([0.485, 0.456, 0.406])  # the view's default
+    assert config["crop_pct"] == 1.0
+    assert json.loads((export / "config.json").read_text())["label_names"] == [
+        str(digit) for digit in range(10)]
     # The FD projection head is training machinery, not part of the student.
     assert not any("projection" in k for k in load_file(str(export / "model.safetensors")))
+
+
+def test_export_is_readable_by_the_group(straight_run):
+    export = straight_run / "fd" / "export"
+    assert stat.S_IMODE(export.stat().st_mode) == 0o755
+    for path in export.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_data_eval_alone_evaluates_the_fd_features_by_knn(straight_run, straight, digits_shards):
+    from data_shards import ShardIndex
+    held_out = ShardIndex.load(digits_shards / "holdout").total
+    summary = json.loads((straight_run / "fd" / "export" / "metrics.json").read_text())
+    # FD trains no classifier: its random head is never reported, its features are.
+    assert summary["accuracy"] is None
+    assert 0.2 < summary["knn_accuracy"] <= 1.0  # chance is 0.1
+    evaluations = [json.loads(l) for l in
+                   (straight_run / "fd" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evaluations] == [6, 12]
+    assert all(set(e) == {"step", "knn_accuracy", "samples"} and e["samples"] == held_out
+               for e in evaluations)
+    log = straight.stdout + straight.stderr
+    assert "kNN accuracy" in log and "held-out accuracy" not in log
+
+
+def test_a_log_file_gets_one_plain_line_per_logging_interval(straight):
+    # stderr is a pipe here, as in a cluster job's log file: no progress bar, one line per
+    # logging interval (every step in this spec).
+    lines = re.findall(r"^.*fd step (\d+)/12 loss [\d.]+ lr \S+ [\d.]+ samples/s data wait "
+                       r"\d+% ETA \d+:\d\d:\d\d$", straight.stderr, re.MULTILINE)
+    assert [int(step) for step in lines] == list(range(1, STEPS + 1)), straight.stderr[-3000:]
 
 
 def test_stopped_and_resumed_run_continues_with_identical_losses(fd_spec, straight_run,

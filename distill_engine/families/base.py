@@ -95,6 +95,12 @@ class ModelFamily:
         """The tensor the model's output stands for (logits, or the last hidden state)."""
         return first_tensor(output)
 
+    def features(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """The pooled representation [B, D] that a frozen-feature evaluation (kNN) compares.
+        By default the output tensor, averaged over tokens when it has them."""
+        output = self.output_tensor(self.forward(model, inputs))
+        return output.mean(1) if output.dim() == 3 else output.flatten(1)
+
     # -- training
     def supports_grad_checkpointing(self, model: nn.Module) -> bool:
         return False

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +52,20 @@ class TimmFamily(ModelFamily):
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         return model(inputs)
 
+    def features(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """What ``forward_head(x, pre_logits=True)`` returns (a ViT's final-norm CLS token or
+        pooled tokens): the classifier's input, caught by a hook while the model runs through
+        its own ``__call__``, where ZeRO-3 gathers its parameters (calling
+        ``forward_features`` directly would find the cls token still partitioned)."""
+        captured = []
+        hook = model.get_classifier().register_forward_pre_hook(
+            lambda module, args: captured.append(args[0]))
+        try:
+            self.forward(model, inputs)
+        finally:
+            hook.remove()
+        return captured[-1]
+
     def supports_grad_checkpointing(self, model: nn.Module) -> bool:
         return hasattr(model, "set_grad_checkpointing")
 
@@ -65,6 +82,36 @@ class TimmFamily(ModelFamily):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
         names = (names,) if isinstance(names, str) else tuple(names)
         return tuple(n + "." for n in names)
+
+    # -- export
+    def write_export(self, state: dict[str, torch.Tensor], recipe: ModelRecipe, model: nn.Module,
+                     out_dir: Path, extra: dict[str, Any]) -> Path:
+        """``model.safetensors`` and ``config.json`` as timm's ``save_for_hf`` writes them,
+        so that ``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds the student
+        (architecture, kwargs, classifier) and ``resolve_data_config`` reports how it was
+        fed (``extra["data_config"]``); class names from ``extra["label_names"]``. Beside
+        them our card ``model.json`` (arch, kwargs, stage)."""
+        from timm.models._hub import save_config_for_hf
+        weights = super().write_export(state, recipe, model, out_dir, extra)
+        model_config = {}
+        if extra.get("label_names"):
+            if len(extra["label_names"]) == model.num_classes:
+                model_config["label_names"] = list(extra["label_names"])
+        config = out_dir / "config.json"
+        tmp = config.with_suffix(".tmp")
+        # timm reads the model's attributes (pretrained_cfg, num_classes, img_size), never
+        # its parameters, so the ZeRO-3 partitioned model serves as well as a gathered one.
+        save_config_for_hf(model, str(tmp), model_config=model_config,
+                           model_args=json.loads(json.dumps(recipe.kwargs)),
+                           data_config=extra.get("data_config"))
+        # The source architecture's checkpoint tag and licence describe timm's pretrained
+        # weights, not these: the tag names the stage instead, the licence is the user's.
+        written = json.loads(tmp.read_text())
+        written["pretrained_cfg"].pop("license", None)
+        written["pretrained_cfg"]["tag"] = extra.get("stage", "distilled")
+        tmp.write_text(json.dumps(written, indent=2))
+        os.replace(tmp, config)
+        return weights
 
 
 def _constant_drop_path(model: nn.Module, rate: float, arch: str) -> None:

@@ -34,6 +34,9 @@ class ObjectiveConfig(BaseModel):
 
     # Whether the objective needs a teacher at all (cross_entropy does not).
     needs_teacher: ClassVar[bool] = True
+    # Whether the objective trains the model's classifier against labels; a stage with
+    # none of these is evaluated on its features (kNN), never on its untrained head.
+    trains_classifier: ClassVar[bool] = False
 
     @property
     def label(self) -> str:

@@ -1,0 +1,1 @@
+"""Analyses of trained models (``python -m distill_engine.diagnostics --help``)."""
