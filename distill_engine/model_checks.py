@@ -14,6 +14,7 @@ from . import tracing, weights
 from .families import InputShape, ModelRecipe, arch_problem
 from .objectives import ObjectiveError, TapShapes, build_objective
 from .resolve import Problems, StageRefs
+from .size_limits import kwargs_problems, params_problem
 from .spec import StageSpec
 from .taps import tap_problem
 
@@ -53,11 +54,16 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
                                ("teacher", refs.teacher, refs.teacher_taps)):
         if recipe is None or arch_problem(recipe.arch):
             continue  # no teacher, or already reported
+        if not sane_sizes(recipe, getattr(stage, role).kwargs, f"{here}.{role}.kwargs", problems):
+            continue
         try:
             model = build_meta(recipe, stage, role)
         except Exception as err:  # timm/transformers reject bad kwargs with varied types
             problems.append((f"{here}.{role}.kwargs", f"cannot build {recipe.arch} with "
                              f"{recipe.kwargs}: {err}"))
+            continue
+        if problem := params_problem(_count(model)):
+            problems.append((f"{here}.{role}.kwargs", problem))
             continue
         bad = {t: p for t in taps if (p := tap_problem(model, t))}
         for j, objective in enumerate(stage.objectives):
@@ -110,13 +116,22 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
     return summary
 
 
+def sane_sizes(recipe: ModelRecipe, written: dict, where: str, problems: Problems) -> bool:
+    """Whether the recipe's size-like kwargs are sane enough to build (``size_limits``).
+    Reported for the kwargs written in this stage; those inherited from an earlier stage
+    (``stage:NAME``) were reported there."""
+    found = kwargs_problems(recipe.kwargs)
+    problems.extend((f"{where}.{key}", message) for key, message in found if key in written)
+    return not found
+
+
 def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problems: Problems) -> None:
     """The teacher's weights file against its whole (unpruned) architecture."""
     recipe = refs.teacher
     if recipe is None or recipe.weights is None or not recipe.weights.is_file():
         return
-    if arch_problem(recipe.arch):
-        return
+    if arch_problem(recipe.arch) or kwargs_problems(recipe.kwargs):
+        return  # reported by check_models
     try:
         model = build_meta(recipe, stage, "teacher")
     except Exception:  # bad kwargs: check_models has reported them already
