@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .families import ModelRecipe, arch_problem
+from .families.base import did_you_mean
 from .spec import STAGE_REF, StageSpec
 
 EXPORT_DIR = "export"
@@ -71,8 +72,9 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
             if target == stage.name:
                 problems.append((path, f"stage {stage.name!r} refers to itself"))
             elif target not in names or names[target] >= i:
-                known = [r.name for r in refs if r is not None]
-                problems.append((path, f"{ref!r} is not an earlier stage; earlier stages: {known}"))
+                known = [name for name, j in names.items() if j < i]
+                problems.append((path, f"{ref!r} is not an earlier stage; earlier stages: "
+                                 f"{known}" + did_you_mean(target, known, "stage")))
             else:
                 return refs[names[target]]  # None if that stage is itself invalid
             return None
@@ -122,6 +124,11 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
                 if problem := arch_problem(recipe.arch):
                     problems.append((f"{here}.{role}.arch", problem))
 
+        if stage.teacher is not None and teacher is None:
+            # An unresolved teacher reference (reported above): nothing to check the
+            # objectives against.
+            refs.append(None)
+            continue
         taps_s = sorted({t for o in stage.objectives for t in o.student_taps()})
         taps_t = sorted({t for o in stage.objectives for t in o.teacher_taps()})
         refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, student, student_init,
