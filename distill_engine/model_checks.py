@@ -33,6 +33,12 @@ class ModelSummary:
     pruned_teacher: list[str] = field(default_factory=list)
     frozen_params: list[str] = field(default_factory=list)     # what is actually frozen
     frozen_student: list[str] = field(default_factory=list)    # modules, for display
+    student_output: tuple[int, ...] = ()                       # [B, classes] for a classifier
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes the student predicts, from its output shape (None: not logits)."""
+        return self.student_output[-1] if len(self.student_output) == 2 else None
 
 
 def build_meta(recipe: ModelRecipe, stage: StageSpec, role: str) -> nn.Module:
@@ -94,7 +100,8 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             teacher={t: teacher_trace.shapes.get(t, ()) for t in refs.teacher_taps}
             if teacher_trace else {},
             student_model=student_model, teacher_model=teacher_model),
-        student_params=_count(student_model), head_params=0)
+        student_params=_count(student_model), head_params=0,
+        student_output=student_trace.shapes.get(tracing.OUTPUT, ()))
     if stage.student.freeze_unused:
         summary.frozen_params = tracing.unreachable_parameters(student_model, student_trace,
                                                                refs.student_taps)

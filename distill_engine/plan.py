@@ -15,9 +15,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .families import InputShape, ModelRecipe
+from .label_checks import check_labels
 from .model_checks import ModelSummary, check_models, check_teacher_weights
-from .resolve import (StageRefs, StepCount, check_batch, check_files, count_steps, global_batch,
-                      resolve_references)
+from .resolve import (StageRefs, StepCount, check_batch, check_batch_against_data, check_files,
+                      count_steps, global_batch, resolve_references)
 from .problem_paths import where_written
 from .spec import STAGE_DEFAULTS, JobHeader, JobSpec, StageSpec, with_stage_defaults
 from .spec_io import SpecError, apply_overrides, pydantic_problems, read_yaml
@@ -134,12 +135,26 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
         here = f"stages[{i}]"
         check_files(stage, here, problems)
         check_batch(stage, here, world_size, problems)
+        check_batch_against_data(stage, here, world_size, problems)
         shape = input_shape(stage)
         models = check_models(i, stage, refs, shape, problems)
+        if models is not None:
+            check_labels(stage, here, models, problems)
         check_teacher_weights(i, stage, refs, problems)
         if models is not None:
             plans.append(StagePlan(i, stage, refs, world_size, shape, models,
                                    count_steps(stage, world_size)))
+
+    # Sizes the data allows but no machine holds. One report per place the micro-batch is
+    # written (stages inheriting the same top-level value would each say the same).
+    from .memory_plan import memory_problem  # it plans StagePlans: imported here, not above
+    seen = {path for path, _ in where_written(problems, written)}
+    for plan in plans:
+        path = f"stages[{plan.index}].data.micro_batch_size"
+        if where_written([(path, "")], written)[0][0] not in seen and \
+                (problem := memory_problem(plan)):
+            problems.append((path, problem))
+            seen.add(where_written([(path, "")], written)[0][0])
 
     warnings = [p for p in problems if missing_inputs_ok and _is_missing_input(p)]
     problems = [p for p in problems if p not in warnings]

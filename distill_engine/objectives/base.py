@@ -34,6 +34,8 @@ class ObjectiveConfig(BaseModel):
 
     # Whether the objective needs a teacher at all (cross_entropy does not).
     needs_teacher: ClassVar[bool] = True
+    # Whether it reads the labels (then they must lie within the student's classes).
+    needs_labels: ClassVar[bool] = False
 
     @property
     def label(self) -> str:

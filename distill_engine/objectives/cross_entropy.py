@@ -15,6 +15,7 @@ class CrossEntropyConfig(ObjectiveConfig):
     student_tap: str = Field("output", description="the logits; 'output' is the model's output")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     needs_teacher: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = True
 
     def student_taps(self) -> list[str]:
         return [self.student_tap]
