@@ -69,7 +69,10 @@ class StageTrainer:
             world_size=self.world_size, num_workers=data.num_workers,
             seed=self.job.spec.seed + data.seed, views=data.views,
             samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
-            allow_pipe=data.allow_pipe)
+            allow_pipe=data.allow_pipe, max_image_pixels=data.max_image_pixels,
+            # A label the loss cannot take is a bad sample (naming shard and key), not a crash.
+            num_classes=self.plan.models.num_classes
+            if any(o.needs_labels for o in self.spec.objectives) else None)
         # The plan counted the steps from the index; the stream is the authority on batches.
         steps = count_steps(self.spec, self.world_size, self.stream.batches_per_epoch)
         self.total_steps = steps.total
@@ -241,7 +244,10 @@ class StageTrainer:
         views = ViewsConfig(geometry=geometry,
                             views={"image": student_view.model_copy(update={"color_jitter": None})})
         stream = EvalStream(data.eval, batch_size=self.spec.eval.batch_size, rank=self.rank,
-                            world_size=self.world_size, views=views)
+                            world_size=self.world_size, views=views,
+                            max_image_pixels=data.max_image_pixels,
+                            # a label the student cannot predict is a bad sample, not a miss
+                            num_classes=self.plan.models.num_classes)
         self.student.eval()
         counts = torch.zeros(2, dtype=torch.float64)
         for batch in stream:
