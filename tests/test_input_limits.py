@@ -222,6 +222,24 @@ def test_labels_beyond_the_students_classes_are_refused_at_check(spec, tmp_path)
         for key, url in (("train", train), ("eval", holdout))]
 
 
+# ---------------------------------------------------------------------------- 7. taps
+
+def test_a_tap_on_an_identity_names_the_module_that_holds_the_norm(spec, tmp_path):
+    """BEiT pools by averaging by default: its `norm` is an nn.Identity and the norm is
+    applied after pooling, in `fc_norm`; tapping `norm` would take features before any norm."""
+    beit = {"arch": "timm:beit_base_patch16_224",
+            "kwargs": {**DIGITS_STUDENT, "use_abs_pos_emb": False, "use_rel_pos_bias": True}}
+    bad = changed(spec, ("stages.1.student", beit))
+    assert refused(bad, tmp_path) == [
+        "stages[1].objectives[0].student_tap: student tap 'norm' is an nn.Identity in this "
+        "model: it would capture that module's input, not a norm output; in this model "
+        "'fc_norm' holds the norm (applied after pooling), or build the model so that 'norm' "
+        "is a real layer (timm: global_pool: token)"]
+    token_pooled = changed(bad, ("stages.1.student.kwargs.global_pool", "token"))
+    code, _, err = check_in_process(write_spec(tmp_path / "job.yaml", token_pooled))
+    assert code == 0, err
+
+
 # ---------------------------------------------------------------------------- 6. options
 
 @pytest.mark.parametrize("size,words", [
