@@ -145,16 +145,18 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
             plans.append(StagePlan(i, stage, refs, world_size, shape, models,
                                    count_steps(stage, world_size)))
 
-    # Sizes the data allows but no machine holds. One report per place the micro-batch is
-    # written (stages inheriting the same top-level value would each say the same).
+    # Sizes the data allows but no machine holds, once everything the memory plan reads
+    # (DeepSpeed configs, models) is known to be sound. One report per place the
+    # micro-batch is written (stages inheriting a top-level value would each say the same).
     from .memory_plan import memory_problem  # it plans StagePlans: imported here, not above
-    seen = {path for path, _ in where_written(problems, written)}
-    for plan in plans:
+    sound = not [p for p in problems if not (missing_inputs_ok and _is_missing_input(p))]
+    seen: set[str] = set()
+    for plan in plans if sound else []:
         path = f"stages[{plan.index}].data.micro_batch_size"
-        if where_written([(path, "")], written)[0][0] not in seen and \
-                (problem := memory_problem(plan)):
+        written_at = where_written([(path, "")], written)[0][0]
+        if written_at not in seen and (problem := memory_problem(plan)):
             problems.append((path, problem))
-            seen.add(where_written([(path, "")], written)[0][0])
+            seen.add(written_at)
 
     warnings = [p for p in problems if missing_inputs_ok and _is_missing_input(p)]
     problems = [p for p in problems if p not in warnings]
