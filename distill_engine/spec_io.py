@@ -3,12 +3,13 @@ problem of a spec with its YAML path."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import reprlib
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -66,12 +67,6 @@ def shape_of(value: Any) -> tuple[int, int]:
             stack.append((node, True))
             stack.extend((child, False) for child in children if id(child) not in sizes)
     return sizes.get(id(value), (1, 0))
-
-
-def expanded_size(value: Any) -> int:
-    """How many values the YAML holds once its aliases are expanded (copying or validating
-    expands them)."""
-    return shape_of(value)[0]
 
 
 def yaml_depth(text: str) -> int:
@@ -208,7 +203,6 @@ def yaml_path(loc: tuple[Any, ...]) -> str:
 def keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys valid in the mapping at ``loc`` of ``model`` (following nested models,
     lists and unions; an objective's kind tag picks its config), or [] if unknown."""
-    from typing import get_args
     from .objectives import OBJECTIVES
     candidates: list[Any] = [model]
     for part in loc:
@@ -232,7 +226,6 @@ def keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def _flatten(annotation: Any) -> list[Any]:
     """The classes an annotation may hold: Optional, unions, lists and Annotated unwrapped."""
-    from typing import get_args
     args = get_args(annotation)
     if not args:
         return [annotation]
@@ -258,8 +251,8 @@ def pydantic_problems(err: ValidationError, prefix: tuple = (),
                 if model else []
             hint = did_you_mean(str(loc[-1]), valid, "key")
             message = "unknown key" + (hint or " (check its spelling and its section)")
-            if hint:
-                meant.add((loc[:-1], hint.split("'")[1]))
+            meant.update((loc[:-1], near) for near in
+                         difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6))
         elif e["type"] == "union_tag_invalid":
             loc += ("kind",)
             message = objective_kind_problem(e.get("ctx", {}).get("tag")) or message
