@@ -2,17 +2,20 @@
 
 Reading goes through webdataset's own tar iterator and key grouping; this module adds what a
 training job needs on top: member names are checked (absolute paths and '..' are refused),
-`pipe:` URLs must be opted into (they run shell commands), and every failure is reported as a
-ShardError that names the shard URL and the sample key it happened at.
+`pipe:` URLs must be opted into (they run shell commands), a member larger than
+`max_member_bytes` is skipped unread (a gzip-compressed shard can hold gigabytes of zeros in a
+few kB), and every failure is reported as a ShardError that names the shard URL and the sample
+key it happened at.
 """
 
 import logging
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from .errors import DataError
 
@@ -59,9 +62,19 @@ def open_url(url: str):
     return wds.gopen(url)
 
 
-def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
+# The largest field one sample may have. Encoded images are a few MB (a 50-megapixel JPEG is
+# about 20 MB); anything past this is a broken or hostile shard, not a sample.
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+SKIP_META = r"__[^/]*__($|/)"  # webdataset's default: metadata members, not sample fields
+
+
+def read_shard(url: str, allow_pipe: bool = False,
+               max_member_bytes: int | None = None) -> Iterator[dict]:
     """Yield the samples of one shard as dicts of raw bytes plus __key__ and __url__.
 
+    A member over `max_member_bytes` (default MAX_MEMBER_BYTES) is skipped without being read into memory (the tar
+    stream discards it block by block); its field holds an `Oversized` instead of bytes, which
+    the decoder refuses, so it is counted as a bad sample naming its shard and key.
     Raises ShardError at the first problem (cannot open, truncated or corrupt tar, unsafe member);
     the samples before it have been yielded.
     """
@@ -74,7 +87,7 @@ def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
     reader = _EndCheckingReader(stream)
     try:
         with stream:
-            members = tar_file_iterator(reader, rename_files=check_member_name)
+            members = _tar_members(reader, max_member_bytes or MAX_MEMBER_BYTES)
             for sample in group_by_keys({**member, "__url__": url} for member in members):
                 last_key = sample["__key__"]
                 yield sample
@@ -86,6 +99,33 @@ def read_shard(url: str, allow_pipe: bool = False) -> Iterator[dict]:
         after = f" after sample '{last_key}'" if last_key else ""
         detail = str(exn).split(" @ <")[0]  # drop the file-object repr webdataset appends
         raise ShardError(url, None, f"is truncated or corrupt{after} ({type(exn).__name__}: {detail})") from None
+
+
+class Oversized:
+    """Stands for a member skipped unread because it is larger than `max_member_bytes`."""
+
+    def __init__(self, name: str, size: int, limit: int):
+        self.name, self.size, self.limit = name, size, limit
+
+    def __str__(self) -> str:
+        return f"member '{self.name}' is {self.size:,} bytes, more than the {self.limit:,} a sample field may have"
+
+
+def _tar_members(fileobj, max_member_bytes: int) -> Iterator[dict]:
+    """webdataset's tar_file_iterator, checking member names, and reading a member only
+    when its header says it fits (its size is known before any of its bytes are read)."""
+    stream = tarfile.open(fileobj=fileobj, mode="r|*")
+    for tarinfo in stream:
+        name = tarinfo.name
+        if not tarinfo.isreg() or name is None or re.match(SKIP_META, name) or (
+                "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)):
+            continue
+        name = check_member_name(name)
+        if tarinfo.size > max_member_bytes:
+            yield {"fname": name, "data": Oversized(name, tarinfo.size, max_member_bytes)}
+        else:
+            yield {"fname": name, "data": stream.extractfile(tarinfo).read()}
+        stream.members = []  # what tarfile keeps for random access: nothing, in a stream
 
 
 class _EndCheckingReader:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import _shuffle as shuffle_buffer
 from webdataset.shardlists import expand_urls
 
-from .decode import BadSample, Decoded, decode_sample
+from .decode import MAX_IMAGE_PIXELS, BadSample, Decoded, decode_sample
 from .errors import DataError
 from .index import ShardIndex
 from .keys import derive_seed
@@ -87,6 +87,8 @@ class _Plan:
     shuffle_buffer: int
     max_bad_samples: int
     allow_pipe: bool
+    num_classes: int | None = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 def _raw_samples(plan: _Plan, rng: random.Random) -> Iterator[dict]:
@@ -124,7 +126,7 @@ def _slot_batches(plan: _Plan, epoch: int, slot: int, first_batch: int, skip: in
             try:
                 if "__error__" in item:
                     raise BadSample(item["__error__"])
-                decoded = decode_sample(item, plan.modality)
+                decoded = decode_sample(item, plan.modality, plan.num_classes, plan.max_image_pixels)
                 if plan.labelled and decoded.label is None:
                     raise BadSample("missing field 'cls' (the index says the samples are labelled)")
                 if decoded.image is not None:
@@ -183,7 +185,12 @@ class ShardStream:
         max_bad_samples: int = 100,
         allow_pipe: bool = False,
         shuffle_buffer: int = 1000,
+        num_classes: int | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
+        """num_classes: labels outside 0..num_classes-1 are bad samples (counted, skipped,
+        named in the log) instead of reaching the loss. max_image_pixels: larger images are
+        bad samples, refused before they are decoded."""
         _check_rank(batch_size, rank, world_size)
         if num_workers < 0 or shuffle_buffer < 1 or max_bad_samples < 0:
             raise DataError(f"num_workers ({num_workers}) and max_bad_samples ({max_bad_samples}) must be >= 0, shuffle_buffer ({shuffle_buffer}) >= 1.")
@@ -206,6 +213,7 @@ class ShardStream:
             views=views or ViewsConfig(),
             batch_size=batch_size, rank=rank, seed=seed, batches_per_epoch=self.batches_per_epoch,
             num_slots=max(1, num_workers), shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples, allow_pipe=allow_pipe,
+            num_classes=num_classes, max_image_pixels=max_image_pixels,
         )  # fmt: skip
         self.epoch, self.batch = 0, 0
         self._new_epoch_counters()
@@ -298,8 +306,13 @@ class EvalStream:
         world_size: int,
         views: ViewsConfig | None = None,
         allow_pipe: bool = False,
+        num_classes: int | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
+        """num_classes: a label the model cannot predict is a bad sample (padding), not a
+        wrong answer; max_image_pixels as in ShardStream."""
         _check_rank(batch_size, rank, world_size)
+        self.num_classes, self.max_image_pixels = num_classes, max_image_pixels
         self.urls, self.index = resolve_urls(urls, allow_pipe)
         if self.index is None:
             raise DataError(f"EvalStream needs a shard index (a directory with index.json or its path), not {urls!r}: it must know every shard's sample count to give each rank an exact share.")
@@ -337,7 +350,7 @@ class EvalStream:
 
     def _decode(self, sample: dict, url: str) -> Decoded | None:
         try:
-            decoded = decode_sample(sample, self.index.modality)
+            decoded = decode_sample(sample, self.index.modality, self.num_classes, self.max_image_pixels)
             if self.index.labelled and decoded.label is None:
                 raise BadSample("missing field 'cls'")
             return decoded

@@ -18,6 +18,11 @@ from pathlib import Path
 
 
 
+def memory_size(text: str) -> int:
+    from .memory_plan import memory_size as parse  # torch comes with it: only when given
+    return parse(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true",
                         help="estimate memory per GPU at --world-size GPUs (meta device only; "
                              "missing weights and shards are warnings)")
-    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE", type=memory_size,
                         help="with --plan: memory of one GPU, e.g. 80GB; says whether the job "
                              "fits and, if not, which setting would make it fit")
     parser.add_argument("--world-size", type=int, default=None,
@@ -69,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             print(err, file=sys.stderr)
         return 2
     if args.plan:
-        from .memory_plan import parse_bytes, plan_job
+        from .memory_plan import plan_job
         from .report import print_memory
         for where, message in job.warnings:
             print(f"warning: {where}: {message} (a memory plan needs shapes only)", file=sys.stderr)
-        gpu_memory = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+        gpu_memory = args.gpu_memory
         return 0 if print_memory(plan_job(job, world_size, gpu_memory), gpu_memory) else 3
     if args.check:
         from .report import print_plan

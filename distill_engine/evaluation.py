@@ -71,8 +71,10 @@ def describe(stage) -> str:
 class Evaluation:
     """The evaluation of one stage's student engine."""
 
-    def __init__(self, stage, device: torch.device, dtype: torch.dtype):
+    def __init__(self, stage, device: torch.device, dtype: torch.dtype,
+                 num_classes: int | None = None):
         self.stage, self.device, self.dtype = stage, device, dtype
+        self.num_classes = num_classes  # the head's: other labels are bad samples, not misses
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.views = test_views(stage.data.views)
@@ -110,7 +112,9 @@ class Evaluation:
     def _stream(self, urls) -> EvalStream:
         return EvalStream(urls, batch_size=self.stage.eval.batch_size, rank=self.rank,
                           world_size=self.world_size, views=self.views,
-                          allow_pipe=self.stage.data.allow_pipe)
+                          allow_pipe=self.stage.data.allow_pipe,
+                          max_image_pixels=self.stage.data.max_image_pixels,
+                          num_classes=None if self.knn else self.num_classes)
 
     def _inputs(self, batch: dict[str, Any]) -> Any:
         return to_model(model_inputs(batch, "student"), self.device, self.dtype)

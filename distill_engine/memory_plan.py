@@ -53,13 +53,34 @@ USABLE_FRACTION = 0.9          # headroom for CUDA context and allocator fragmen
 ALIASING_LEAVES = (nn.Identity, nn.Dropout)
 
 
+MEMORY_UNITS = {"kb": 1024, "kib": 1024, "mb": 1024 ** 2, "mib": 1024 ** 2,
+                "gb": 1024 ** 3, "gib": 1024 ** 3, "g": 1024 ** 3,
+                "tb": 1024 ** 4, "tib": 1024 ** 4, "t": 1024 ** 4}
+
+
 def parse_bytes(text: str) -> int:
-    """'80GB', '80GiB', '24G', '512MB' -> bytes. GB is taken as GiB, as GPU vendors mean it
-    ('80GB' H100s have 80 GiB)."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not match:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 80GB)")
-    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
+    """'80GB', '80GiB', '80G', '512MB', '1.5TB' -> bytes. GB is taken as GiB, as GPU
+    vendors mean it ('80GB' H100s have 80 GiB). A bare number is refused: '80' would be
+    80 bytes, which nobody means."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match[2] not in MEMORY_UNITS:
+        unit = "" if not match else (" has no unit" if not match[2] else
+                                     f" has an unknown unit {match[2]!r}")
+        raise ValueError(f"{text!r}{unit or ' is not a memory size'}; give a number and a "
+                         f"unit, e.g. 80GB, 80GiB or 512MB")
+    size = int(float(match[1]) * MEMORY_UNITS[match[2]])
+    if size < 1024 ** 2:
+        raise ValueError(f"{text!r} is less than 1 MiB; give the memory of one GPU, e.g. 80GB")
+    return size
+
+
+def memory_size(text: str) -> int:
+    """``parse_bytes`` for argparse: a bad size ends the command with exit code 2."""
+    import argparse
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def gib(count: float) -> str:
@@ -374,3 +395,24 @@ def plan_stage(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
 
 def plan_job(job: JobPlan, world_size: int, gpu_memory: int | None = None) -> list[StageMemory]:
     return [plan_stage(stage, world_size, gpu_memory) for stage in job.stages]
+
+
+# More memory per rank than any accelerator (or host of CPU ranks) has: a spec whose plan
+# needs this is a typo (micro_batch_size: 1000000000000), refused at --check.
+MAX_RANK_MEMORY = 1024 ** 4
+
+
+def memory_problem(plan: StagePlan) -> str | None:
+    """Why the stage cannot fit on any machine, from its memory plan, or None (also when
+    the plan itself fails: a sanity bound must not make --check fail where --plan would
+    report its own error; e.g. re-tracing a pruned Hugging Face teacher fails today)."""
+    try:
+        memory = plan_stage(plan, plan.world_size)
+    except Exception:  # noqa: BLE001 - see above
+        return None
+    if memory.total <= MAX_RANK_MEMORY:
+        return None
+    return (f"stage {plan.name!r} needs {gib(memory.total)} per rank by its memory plan at "
+            f"micro_batch_size "
+            f"{plan.spec.data.micro_batch_size:,}, more than any accelerator or host has "
+            f"({gib(MAX_RANK_MEMORY)}); 'launch/run.py --plan --gpu-memory 80GB' says what fits")

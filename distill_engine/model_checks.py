@@ -14,6 +14,7 @@ from . import tracing, weights
 from .families import InputShape, ModelRecipe, arch_problem
 from .objectives import ObjectiveError, TapShapes, build_objective
 from .resolve import Problems, StageRefs
+from .size_limits import kwargs_problems, params_problem
 from .spec import StageSpec
 from .taps import tap_problem
 
@@ -32,6 +33,12 @@ class ModelSummary:
     pruned_teacher: list[str] = field(default_factory=list)
     frozen_params: list[str] = field(default_factory=list)     # what is actually frozen
     frozen_student: list[str] = field(default_factory=list)    # modules, for display
+    student_output: tuple[int, ...] = ()                       # [B, classes] for a classifier
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes the student predicts, from its output shape (None: not logits)."""
+        return self.student_output[-1] if len(self.student_output) == 2 else None
 
 
 def build_meta(recipe: ModelRecipe, stage: StageSpec, role: str) -> nn.Module:
@@ -53,11 +60,16 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
                                ("teacher", refs.teacher, refs.teacher_taps)):
         if recipe is None or arch_problem(recipe.arch):
             continue  # no teacher, or already reported
+        if not sane_sizes(recipe, getattr(stage, role).kwargs, f"{here}.{role}.kwargs", problems):
+            continue
         try:
             model = build_meta(recipe, stage, role)
         except Exception as err:  # timm/transformers reject bad kwargs with varied types
             problems.append((f"{here}.{role}.kwargs", f"cannot build {recipe.arch} with "
                              f"{recipe.kwargs}: {err}"))
+            continue
+        if problem := params_problem(_count(model)):
+            problems.append((f"{here}.{role}.kwargs", problem))
             continue
         bad = {t: p for t in taps if (p := tap_problem(model, t))}
         for j, objective in enumerate(stage.objectives):
@@ -88,7 +100,8 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             teacher={t: teacher_trace.shapes.get(t, ()) for t in refs.teacher_taps}
             if teacher_trace else {},
             student_model=student_model, teacher_model=teacher_model),
-        student_params=_count(student_model), head_params=0)
+        student_params=_count(student_model), head_params=0,
+        student_output=student_trace.shapes.get(tracing.OUTPUT, ()))
     if stage.student.freeze_unused:
         summary.frozen_params = tracing.unreachable_parameters(student_model, student_trace,
                                                                refs.student_taps)
@@ -110,13 +123,22 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
     return summary
 
 
+def sane_sizes(recipe: ModelRecipe, written: dict, where: str, problems: Problems) -> bool:
+    """Whether the recipe's size-like kwargs are sane enough to build (``size_limits``).
+    Reported for the kwargs written in this stage; those inherited from an earlier stage
+    (``stage:NAME``) were reported there."""
+    found = kwargs_problems(recipe.kwargs)
+    problems.extend((f"{where}.{key}", message) for key, message in found if key in written)
+    return not found
+
+
 def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problems: Problems) -> None:
     """The teacher's weights file against its whole (unpruned) architecture."""
     recipe = refs.teacher
     if recipe is None or recipe.weights is None or not recipe.weights.is_file():
         return
-    if arch_problem(recipe.arch):
-        return
+    if arch_problem(recipe.arch) or kwargs_problems(recipe.kwargs):
+        return  # reported by check_models
     try:
         model = build_meta(recipe, stage, "teacher")
     except Exception:  # bad kwargs: check_models has reported them already

@@ -15,10 +15,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .families import InputShape, ModelRecipe
+from .label_checks import check_labels
 from .model_checks import ModelSummary, check_models, check_teacher_weights
-from .resolve import (StageRefs, StepCount, check_batch, check_files, count_steps, global_batch,
-                      resolve_references)
-from .spec import JobHeader, JobSpec, StageSpec, with_stage_defaults
+from .resolve import (StageRefs, StepCount, check_batch, check_batch_against_data, check_files,
+                      count_steps, global_batch, resolve_references)
+from .problem_paths import where_written
+from .spec import STAGE_DEFAULTS, JobHeader, JobSpec, StageSpec, with_stage_defaults
 from .spec_io import SpecError, apply_overrides, pydantic_problems, read_yaml
 
 __all__ = ["JobPlan", "SpecError", "StagePlan", "load_plan"]
@@ -104,12 +106,13 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
     directories into warnings: a memory plan needs shapes only, and paper-scale specs name
     weights and data that live on the cluster."""
     source = str(path)
-    raw = with_stage_defaults(apply_overrides(read_yaml(path), list(overrides or []), source))
+    written = apply_overrides(read_yaml(path), list(overrides or []), source)
+    raw = with_stage_defaults(written)
     problems: list[tuple[str, str]] = []
     try:
         header = JobHeader.model_validate(raw)
     except ValidationError as err:
-        problems += pydantic_problems(err)
+        problems += pydantic_problems(err, model=JobHeader, extra_keys=STAGE_DEFAULTS)
         header = None
     # Each stage on its own, so that one broken stage does not hide the others' problems.
     raw_stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
@@ -118,7 +121,7 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
         try:
             stages.append(StageSpec.model_validate(stage_raw))
         except ValidationError as err:
-            problems += pydantic_problems(err, ("stages", i))
+            problems += pydantic_problems(err, ("stages", i), model=StageSpec)
             stages.append(None)
     raw_names = [s.get("name") if isinstance(s, dict) and isinstance(s.get("name"), str) else None
                  for s in raw_stages]
@@ -132,20 +135,46 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
         here = f"stages[{i}]"
         check_files(stage, here, problems)
         check_batch(stage, here, world_size, problems)
+        check_batch_against_data(stage, here, world_size, problems)
         shape = input_shape(stage)
         models = check_models(i, stage, refs, shape, problems)
+        if models is not None:
+            check_labels(stage, here, models, problems)
         check_teacher_weights(i, stage, refs, problems)
         if models is not None:
             plans.append(StagePlan(i, stage, refs, world_size, shape, models,
                                    count_steps(stage, world_size)))
 
+    # Sizes the data allows but no machine holds, once everything the memory plan reads
+    # (DeepSpeed configs, models) is known to be sound. One report per place the
+    # micro-batch is written (stages inheriting a top-level value would each say the same).
+    from .memory_plan import memory_problem  # it plans StagePlans: imported here, not above
+    sound = not [p for p in problems if not (missing_inputs_ok and _is_missing_input(p))]
+    seen: set[str] = set()
+    for plan in plans if sound else []:
+        path = f"stages[{plan.index}].data.micro_batch_size"
+        written_at = where_written([(path, "")], written)[0][0]
+        if written_at not in seen and (problem := memory_problem(plan)):
+            problems.append((path, problem))
+            seen.add(written_at)
+
     warnings = [p for p in problems if missing_inputs_ok and _is_missing_input(p)]
     problems = [p for p in problems if p not in warnings]
+    problems = where_written(_not_misspelt(problems, written), written)
     if problems or header is None:
-        raise SpecError(source, _unique(problems))
+        raise SpecError(source, problems)
     spec = JobSpec.model_construct(**{**header.model_dump(), "stages": stages})
-    return JobPlan(spec, source, plans, _unique(warnings))
+    return JobPlan(spec, source, plans, where_written(warnings, written))
 
 
-def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return list(dict.fromkeys(problems))
+def _not_misspelt(problems: list[tuple[str, str]], written: dict) -> list[tuple[str, str]]:
+    """Drops "stages[i].optimisation: required" when the top level has a misspelt key
+    (``optimization``) that stands for it: its "unknown key; did you mean" says it all."""
+    import difflib
+    known = set(JobHeader.model_fields) | set(STAGE_DEFAULTS)
+    meant = {near for key in written if isinstance(key, str) and key not in known
+             for near in difflib.get_close_matches(key, STAGE_DEFAULTS, n=1, cutoff=0.6)}
+    return [(path, message) for path, message in problems
+            if not (message == "required, but missing"
+                    and path.split(".", 1)[-1] in meant and path.startswith("stages["))]
+

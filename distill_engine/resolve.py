@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .families import ModelRecipe, arch_problem
+from .families.base import did_you_mean
 from .spec import STAGE_REF, StageSpec
 
 EXPORT_DIR = "export"
@@ -71,8 +72,9 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
             if target == stage.name:
                 problems.append((path, f"stage {stage.name!r} refers to itself"))
             elif target not in names or names[target] >= i:
-                known = [r.name for r in refs if r is not None]
-                problems.append((path, f"{ref!r} is not an earlier stage; earlier stages: {known}"))
+                known = [name for name, j in names.items() if j < i]
+                problems.append((path, f"{ref!r} is not an earlier stage; earlier stages: "
+                                 f"{known}" + did_you_mean(target, known, "stage")))
             else:
                 return refs[names[target]]  # None if that stage is itself invalid
             return None
@@ -122,6 +124,11 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
                 if problem := arch_problem(recipe.arch):
                     problems.append((f"{here}.{role}.arch", problem))
 
+        if stage.teacher is not None and teacher is None:
+            # An unresolved teacher reference (reported above): nothing to check the
+            # objectives against.
+            refs.append(None)
+            continue
         taps_s = sorted({t for o in stage.objectives for t in o.student_taps()})
         taps_t = sorted({t for o in stage.objectives for t in o.teacher_taps()})
         refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, student, student_init,
@@ -194,6 +201,35 @@ def check_batch(stage: StageSpec, here: str, world_size: int, problems: Problems
                          f"{opt.gradient_accumulation_steps} = {total}; change one of them"))
 
 
+def samples_per_epoch(stage: StageSpec) -> tuple[int | None, str]:
+    """The samples of an epoch (``data.samples_per_epoch``, else the training shards'
+    index) and where that number comes from; None when no index is readable."""
+    data = stage.data
+    if data.samples_per_epoch is not None:
+        return data.samples_per_epoch, "data.samples_per_epoch"
+    if isinstance(data.train, str):
+        total = (read_index(data.train) or {}).get("total")
+        if isinstance(total, int) and total > 0:
+            return total, f"the index of {data.train}"
+    return None, ""
+
+
+def check_batch_against_data(stage: StageSpec, here: str, world_size: int,
+                             problems: Problems) -> None:
+    """A step must not need more samples than an epoch has: the stream would repeat
+    samples within one batch, and a batch of 10^12 samples never arrives while memory grows."""
+    samples, source = samples_per_epoch(stage)
+    total = global_batch(stage, world_size)
+    if samples is not None and total > samples:
+        data, opt = stage.data, stage.optimisation
+        problems.append((f"{here}.data.micro_batch_size",
+                         f"one optimizer step takes micro_batch_size {data.micro_batch_size:,} "
+                         f"x {world_size} ranks x gradient_accumulation_steps "
+                         f"{opt.gradient_accumulation_steps} = {total:,} samples, but an epoch "
+                         f"has {samples:,} ({source}); use a micro-batch of at most "
+                         f"{max(1, samples // (world_size * opt.gradient_accumulation_steps)):,}"))
+
+
 def batches_per_epoch(samples_per_epoch: int, micro_batch: int, world_size: int) -> int:
     """The stream's own arithmetic: every rank gives the same number of batches an epoch."""
     return math.ceil(samples_per_epoch / (micro_batch * world_size))
@@ -204,10 +240,7 @@ def count_steps(stage: StageSpec, world_size: int, batches: int | None = None) -
     (the stream's); by default from ``samples_per_epoch`` or the training shards' index."""
     data, opt = stage.data, stage.optimisation
     if batches is None:
-        samples = data.samples_per_epoch
-        if samples is None and isinstance(data.train, str):
-            total = (read_index(data.train) or {}).get("total")
-            samples = total if isinstance(total, int) and total > 0 else None
+        samples, _ = samples_per_epoch(stage)
         if samples is not None:
             batches = batches_per_epoch(samples, data.micro_batch_size, world_size)
     if batches is None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_shards import ViewsConfig
+from data_shards.decode import MAX_IMAGE_PIXELS
 
 from .families import FAMILIES
 from .objectives import OBJECTIVES
@@ -88,6 +89,9 @@ class DataSpec(Strict):
     samples_per_epoch: int | None = Field(None, ge=1)
     max_bad_samples: int = Field(100, ge=0)
     allow_pipe: bool = Field(False, description="permit 'pipe:' shard urls (runs a shell command)")
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS, ge=1, le=2 * 89_478_485,  # above that, PIL refuses to open an image
+        description="larger images are bad samples, refused before they are decoded")
     views: ViewsConfig = Field(default_factory=ViewsConfig)
 
 

@@ -29,13 +29,33 @@ def tap_problem(model: nn.Module, name: str) -> str | None:
     """Why ``name`` is not a tap of ``model`` (with the nearest valid names), or None."""
     if name == OUTPUT:
         return None
-    names = [n for n, _ in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
     if name in names:
-        return None
+        return identity_problem(modules, name)
     nearest = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     hint = f"nearest valid names: {', '.join(nearest)}" if nearest else (
         f"valid names look like: {', '.join(names[:6])}, ...")
     return f"tap {name!r} is not a module of the model; {hint}"
+
+
+def identity_problem(modules: dict[str, nn.Module], name: str) -> str | None:
+    """A tap on an ``nn.Identity`` captures that module's input: a model built without the
+    layer (timm's BEiT and ViT with average pooling replace ``norm`` by an identity and
+    normalise after pooling, in ``fc_norm``) would silently give features before any norm."""
+    if not isinstance(modules[name], nn.Identity):
+        return None
+    parent, _, leaf = name.rpartition(".")
+    norms = [n for n, m in modules.items() if n and n.rpartition(".")[0] == parent
+             and leaf in n.rpartition(".")[2] and "Norm" in type(m).__name__]
+    if norms:
+        hint = (f"; in this model {' and '.join(repr(n) for n in norms)} holds the norm "
+                f"(applied after pooling), or build the model so that {name!r} is a real layer "
+                "(timm: global_pool: token)")
+    else:
+        hint = "; tap the module whose output you mean"
+    return (f"tap {name!r} is an nn.Identity in this model: it would capture that module's "
+            f"input, not a {leaf} output{hint}")
 
 
 class Taps:

@@ -71,7 +71,10 @@ class StageTrainer:
             world_size=self.world_size, num_workers=data.num_workers,
             seed=self.job.spec.seed + data.seed, views=data.views,
             samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
-            allow_pipe=data.allow_pipe)
+            allow_pipe=data.allow_pipe, max_image_pixels=data.max_image_pixels,
+            # A label the loss cannot take is a bad sample (naming shard and key), not a crash.
+            num_classes=self.plan.models.num_classes
+            if any(o.needs_labels for o in self.spec.objectives) else None)
         # The plan counted the steps from the index; the stream is the authority on batches.
         steps = count_steps(self.spec, self.world_size, self.stream.batches_per_epoch)
         self.total_steps = steps.total
@@ -194,7 +197,8 @@ class StageTrainer:
         progress = StageProgress(self.spec.name, self.plan.dir, self.total_steps, self.step,
                                  self.plan.global_batch, enabled=self.rank == 0,
                                  tensorboard=self.spec.logging.tensorboard)
-        evaluation = Evaluation(self.spec, self.device, self.student_dtype)
+        evaluation = Evaluation(self.spec, self.device, self.student_dtype,
+                                self.plan.models.num_classes)
         result: dict[str, Any] = {}
         first_loss = None
         try:

@@ -6,8 +6,13 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import distill_engine, data_shards, deepspeed, timm, webdataset" 2>/dev/null \
-   && [ "$("$VENV/bin/python" -c 'import deepspeed; print(deepspeed.__version__)')" = "0.19.8" ]; then
+# Ready: the pinned DeepSpeed is installed and everything imports. The version comes from the
+# package metadata, which does not import deepspeed (importing it prints its accelerator
+# choice on stdout, which made a version comparison fail and re-install on every run).
+DEEPSPEED_VERSION=$(sed -n 's/^deepspeed==//p' requirements/deepspeed.txt)
+if [ -x "$VENV/bin/python" ] \
+   && "$VENV/bin/python" -c "import sys, importlib.metadata as m; sys.exit(m.version('deepspeed') != '$DEEPSPEED_VERSION')" 2>/dev/null \
+   && "$VENV/bin/python" -c "import distill_engine, data_shards, deepspeed, timm, webdataset" >/dev/null 2>&1; then
   echo "bootstrap: $VENV is ready"
   exit 0
 fi

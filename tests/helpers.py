@@ -65,6 +65,34 @@ def run_check(spec: Path, *extra: str, world_size: int = 2) -> subprocess.Comple
                           capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
 
 
+def run_measured(args: list[str], timeout: int = 300) -> tuple[int, str, str, int]:
+    """Runs a command; returns its exit code, stdout, stderr and the peak resident memory
+    (bytes) of that process alone: ``os.wait4`` reports the resource usage of the one child
+    it reaps (the RUSAGE_CHILDREN total would include every earlier child of the session)."""
+    import signal
+    import tempfile
+    import threading
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(args, stdout=out, stderr=err, text=True, cwd=ROOT, env=env())
+        timer = threading.Timer(timeout, os.kill, (child.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            timer.cancel()
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait
+        out.seek(0)
+        err.seek(0)
+        return child.returncode, out.read(), err.read(), usage.ru_maxrss * 1024  # kB on Linux
+
+
+def run_check_measured(spec: Path, *extra: str, world_size: int = 2,
+                       timeout: int = 300) -> tuple[int, str, str, int]:
+    """``run_check`` with the peak memory of the --check process (``run_measured``)."""
+    return run_measured([sys.executable, str(ROOT / "launch" / "run.py"), "--spec", str(spec),
+                         "--check", "--world-size", str(world_size), *extra], timeout)
+
+
 def run_deepspeed(spec: Path, *extra: str, ranks: int = 2, timeout: int = 600,
                   script: Path | None = None,
                   extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -2,16 +2,19 @@
 traceback, before anything expensive starts.
 
 Hypothesis mutates a valid two-stage spec (wrong types, unknown keys, missing keys and
-files, impossible batch arithmetic, negative or absurd values, taps that do not exist,
-stage references to unknown, later or the same stage, and plain garbage YAML). Mutations
-run through launch/run.py's ``main`` in this process (the command-line path without a new
-interpreter); a few also through a real ``python launch/run.py`` process.
+files, impossible batch arithmetic, negative or absurd values, absurd model sizes, taps
+that do not exist, stage references to unknown, later or the same stage, and plain
+garbage YAML). Mutations run through launch/run.py's ``main`` (the command-line path
+without a new interpreter per spec) in one child process with a capped address space and
+a measured peak memory; a few also through a real ``python launch/run.py`` process.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,14 +23,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from helpers import ROOT, TINY_VIT as VIT, check_in_process, run_check, write_spec
-EXAMPLES = 135
+from helpers import ROOT, TINY_VIT as VIT, check_in_process, run_check, run_measured, write_spec
+
+EXAMPLES = 140
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict:
+def make_base(work: Path) -> dict:
+    """A valid two-stage spec whose models share their kwargs through a YAML alias."""
     import timm
-    work = tmp_path_factory.mktemp("base")
     for split in ("train", "holdout"):
         (work / "shards" / split).mkdir(parents=True)
         (work / "shards" / split / "index.json").write_text("{}")
@@ -59,9 +62,14 @@ def base(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def module_names() -> set[str]:
+def base(tmp_path_factory) -> dict:
+    return make_base(tmp_path_factory.mktemp("base"))
+
+
+def tiny_vit_modules() -> set[str]:
     import timm
     return {name for name, _ in timm.create_model("vit_tiny_patch16_224", **VIT).named_modules()}
+
 
 
 # ---------------------------------------------------------------------------- mutations
@@ -214,9 +222,24 @@ garbage_yaml = st.one_of(
 ).map(lambda text: ("garbage YAML", text))
 
 
+# Sizes past any real model, as a typo makes them: a list where an int belongs, or an int
+# of many digits. The two models share their kwargs through a YAML alias, so a change to
+# one changes both. Each must be refused before a model is built (timm computes drop-path
+# rates on the CPU even under the meta device: depth [10**9] once took gigabytes).
+huge = st.integers(min_value=10 ** 5, max_value=10 ** 12)
+huge_list = st.lists(st.integers(min_value=10 ** 4, max_value=10 ** 9), min_size=1, max_size=3)
+SIZES = {"depth": st.one_of(st.integers(1025, 10 ** 12), huge_list),
+         "embed_dim": st.one_of(huge, huge_list), "num_heads": st.one_of(st.integers(1025, 10 ** 9)),
+         "img_size": st.one_of(huge, huge_list), "patch_size": huge,
+         "mlp_ratio": st.floats(min_value=65, max_value=1e12)}
+absurd_size = st.tuples(st.sampled_from(["student", "teacher"]), st.sampled_from(sorted(SIZES))) \
+    .flatmap(lambda where: SIZES[where[1]].map(lambda value: (
+        "absurd model size", setter(("stages", 0, where[0], "kwargs", where[1]), value))))
+
+
 def kinds_of_breakage(names: set[str]) -> list:
     return [unknown_key, missing_key, wrong_type, missing_file, batch_arithmetic,
-            absurd_value, missing_tap(names), stage_reference, garbage_yaml]
+            absurd_value, missing_tap(names), stage_reference, garbage_yaml, absurd_size]
 
 
 def materialise(base: dict, mutation, path: Path) -> Path:
@@ -230,31 +253,56 @@ def materialise(base: dict, mutation, path: Path) -> Path:
 
 # ---------------------------------------------------------------------------- tests
 
-def test_generated_broken_specs_exit_2_with_a_message(base, module_names, tmp_path):
+def try_generated_broken_specs(base: dict, names: set[str], work: Path) -> dict[str, int]:
+    """Every generated broken spec through --check's main; returns how many per category."""
     tried: dict[str, int] = {}
 
     def check(broken):
         category, mutation = broken
-        spec_file = materialise(base, mutation, tmp_path / "job.yaml")
+        spec_file = materialise(base, mutation, work / "job.yaml")
         code, out, err = check_in_process(spec_file)
         assert code == 2, (category, spec_file.read_text(), out, err)
         assert "problem" in err and "Traceback" not in err, (category, err)
         tried[category] = tried.get(category, 0) + 1
 
-    kinds = kinds_of_breakage(module_names)
+    kinds = kinds_of_breakage(names)
     for kind in kinds:  # the same share of examples for every kind of breakage
         # No shrinking: an example costs a meta-device model build, so shrinking a failure
         # takes minutes, and the assertion message already shows the whole broken spec.
-        # derandomize: the same examples on every run, so that CI is reproducible (a random
-        # run here once ended with the machine out of memory, cause not pinned down).
+        # derandomize: the same examples on every run, so that CI is reproducible.
         settings(max_examples=EXAMPLES // len(kinds), deadline=None, database=None,
                  derandomize=True,
                  phases=[Phase.explicit, Phase.generate],
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])(
             given(broken=kind)(check))()
+    return tried
+
+
+# The examples run in a child process whose address space is capped: whatever a spec
+# makes --check allocate, the child fails with MemoryError and the machine (shared by the
+# rest of the suite) stays up. Its peak resident memory is then compared with a bound.
+ADDRESS_SPACE = 6 * 1024 ** 3     # torch, timm and hypothesis map about 3.6 GB of it
+PEAK_RSS = 2 * 1024 ** 3           # the process itself needs about 1 GB
+CHILD = """
+import json, resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_AS)[1]))
+sys.path.insert(0, "tests")
+import test_bad_input as t
+work = Path(sys.argv[1])
+print(json.dumps(t.try_generated_broken_specs(t.make_base(work), t.tiny_vit_modules(), work)))
+"""
+
+
+def test_generated_broken_specs_exit_2_with_a_message(tmp_path):
+    code, out, err, rss = run_measured([sys.executable, "-c", CHILD, str(tmp_path),
+                                        str(ADDRESS_SPACE)], timeout=1800)
+    assert code == 0, err[-5000:]
+    tried = json.loads(out.splitlines()[-1])
     total = sum(tried.values())
-    print(f"\n{total} broken specs tried, by category: {tried}")
-    assert total >= EXAMPLES * 0.8 and len(tried) == len(kinds), tried
+    print(f"\n{total} broken specs tried, by category: {tried}; peak memory {rss / 2**20:.0f} MiB")
+    assert total >= EXAMPLES * 0.8 and len(tried) == len(kinds_of_breakage(set())), tried
+    assert rss < PEAK_RSS, rss
 
 
 @pytest.mark.parametrize("category,mutation", [

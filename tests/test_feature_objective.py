@@ -54,3 +54,12 @@ def test_fd_on_a_swin_token_grid_equals_fd_on_the_flattened_tokens():
     want = reference_fd_loss(student.flatten(1, 2), grid.projection.weight, grid.projection.bias,
                              teacher.flatten(1, 2))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_gradient_reaches_the_teacher():
+    """The target is a constant: a caller outside the engine, whose teacher tensor requires
+    grad, must not push gradients into the teacher."""
+    teacher = torch.randn(2, 5, 8, requires_grad=True)
+    student = torch.randn(2, 5, 8, requires_grad=True)
+    feature_distillation_loss(student, teacher * 3).backward()
+    assert teacher.grad is None and student.grad is not None and student.grad.abs().sum() > 0

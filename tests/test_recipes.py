@@ -27,12 +27,38 @@ def check(spec: str, shards: Path, weights: Path, world_size: int = 64) -> str:
     return " ".join(out.replace("│", " ").split())
 
 
+def _activation(arch: str) -> str:
+    import timm
+    import torch
+    with torch.device("meta"):
+        return type(timm.create_model(arch).blocks[0].mlp.act).__name__
+
+
 def test_fd_clip_vitb(tmp_path, shards):
-    weights = sparse_safetensors(tmp_path / "clip.safetensors", "vit_base_patch16_clip_224")
+    # OpenAI's CLIP towers use QuickGELU; timm's vit_base_patch16_clip_224 is the GELU
+    # variant, which computes a different function with the same weights.
+    weights = sparse_safetensors(tmp_path / "clip.safetensors", "vit_base_patch16_clip_quickgelu_224")
     out = check("fd_clip_vitb.yaml", shards, weights)
+    assert "timm:vit_base_patch16_clip_quickgelu_224" in out
+    assert _activation("vit_base_patch16_clip_quickgelu_224") == "QuickGELU"
     assert "32 per rank x 64 ranks x 1 accumulation = 2048" in out
     assert "lr 0.0012" in out                       # 3e-4 x 2048 / 512
     assert "beit_base_patch16_224" in out and "feature x 1.0" in out
+
+
+def test_fd_vitl_takes_a_real_clip_vit_l14_file(tmp_path, shards):
+    """The paper's teacher is OpenAI CLIP ViT-L/14: QuickGELU, and a pre-norm (norm_pre)
+    whose keys a plain ViT-L layout would refuse."""
+    arch = "vit_large_patch14_clip_quickgelu_224"
+    weights = sparse_safetensors(tmp_path / "clip_l14.safetensors", arch)
+    import json
+    import struct
+    with open(weights, "rb") as f:
+        keys = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    assert "norm_pre.weight" in keys
+    out = check("fd_vitl.yaml", shards, weights, world_size=8)
+    assert f"timm:{arch}" in out and _activation(arch) == "QuickGELU"
+    assert "student timm:vit_large_patch14_224" in out  # the same 16 x 16 token grid
 
 
 def test_tinymim_vitb_from_mae_vitl_prunes_the_teacher_after_block_18(tmp_path, shards):

@@ -69,25 +69,26 @@ def _set(spec, dotted, value):
 DELETE = object()
 
 BAD = [
-    # (what to change, value, expected YAML path in the message, a word of the explanation)
+    # (what to change, value, expected YAML path in the message, a word of the explanation);
+    # a problem of a top-level default is reported once, at the top level where it is written
     ("stages.0.student.colour", "red", "stages[0].student.colour", "unknown key"),
-    ("optimisation.lr", -1, "stages[0].optimisation.lr", "greater than 0"),
-    ("optimisation.lr", "fast", "stages[0].optimisation.lr", "number"),
-    ("optimisation.epochs", 3, "stages[0].optimisation", "exactly one of 'steps' or 'epochs'"),
-    ("data.micro_batch_size", 0, "stages[0].data.micro_batch_size", "greater than or equal to 1"),
-    ("data.global_batch_size", 100, "stages[0].data.global_batch_size", "x 2 ranks"),
-    ("data.train", "/no/such/shards", "stages[0].data.train", "does not exist"),
-    ("data.train", "pipe:curl -s http://x/a.tar", "stages[0].data.train", "allow_pipe"),
+    ("optimisation.lr", -1, "- optimisation.lr", "greater than 0"),
+    ("optimisation.lr", "fast", "- optimisation.lr", "number"),
+    ("optimisation.epochs", 3, "- optimisation", "exactly one of 'steps' or 'epochs'"),
+    ("data.micro_batch_size", 0, "- data.micro_batch_size", "greater than or equal to 1"),
+    ("data.global_batch_size", 100, "- data.global_batch_size", "x 2 ranks"),
+    ("data.train", "/no/such/shards", "- data.train", "does not exist"),
+    ("data.train", "pipe:curl -s http://x/a.tar", "- data.train", "allow_pipe"),
     ("stages.0.teacher.weights", "/no/such/file.safetensors", "stages[0].teacher.weights", "does not exist"),
     ("stages.0.teacher.arch", "timm:vit_nonexistent", "stages[0].teacher.arch", "no architecture"),
     ("stages.0.teacher.arch", "torch.load", "stages[0].teacher.arch", "not an architecture"),
     ("stages.0.objectives.0.student_tap", "blocks.1.nrom1", "stages[0].objectives[0].student_tap", "blocks.1.norm1"),
-    ("stages.0.objectives.0.kind", "telepathy", "stages[0].objectives[0]", "telepathy"),
+    ("stages.0.objectives.0.kind", "telepathy", "stages[0].objectives[0].kind", "telepathy"),
     ("stages.1.student.init", "stage:finetune", "stages[1].student.init", "refers to itself"),
     ("stages.0.student.init", "stage:finetune", "stages[0].student.init", "not an earlier stage"),
     ("stages.0.teacher", DELETE, "stages[0]", "need a teacher"),
     ("data.views.geometry.size", 64, "stages[0]", "fails"),
-    ("deepspeed.student_config", "/no/ds.json", "stages[0].deepspeed.student_config", "does not exist"),
+    ("deepspeed.student_config", "/no/ds.json", "- deepspeed.student_config", "does not exist"),
     ("stages.0.objectives.0.teacher_tap", "head", "stages[0].objectives[0]", "token maps"),
 ]
 

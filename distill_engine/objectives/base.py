@@ -37,6 +37,8 @@ class ObjectiveConfig(BaseModel):
     # Whether the objective trains the model's classifier against labels; a stage with
     # none of these is evaluated on its features (kNN), never on its untrained head.
     trains_classifier: ClassVar[bool] = False
+    # Whether it reads the labels (then they must lie within the student's classes).
+    needs_labels: ClassVar[bool] = False
 
     @property
     def label(self) -> str:

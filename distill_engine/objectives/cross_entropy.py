@@ -16,6 +16,7 @@ class CrossEntropyConfig(ObjectiveConfig):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     needs_teacher: ClassVar[bool] = False
     trains_classifier: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = True
 
     def student_taps(self) -> list[str]:
         return [self.student_tap]
