@@ -122,6 +122,13 @@ def stop_requested_everywhere() -> bool:
         return stop_requested_here()
     flag = torch.tensor([stop_signal() if stop_requested_here() else 0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not stop_requested_here():
-        request_stop(int(flag.item()), f"another rank got {signal.Signals(int(flag.item())).name}")
-    return bool(flag.item())
+    if not flag.item():
+        return False
+    # Once per job: every rank adopts the reason of the first rank that has one, so that
+    # rank 0's message says what happened even when another rank noticed it.
+    reasons = [None] * dist.get_world_size()
+    here = (stop_signal(), stop_reason()) if stop_requested_here() else None
+    dist.all_gather_object(reasons, here)
+    signum, why = next(r for r in reasons if r is not None)
+    _requested.update(signal=signum, why=why)
+    return True
