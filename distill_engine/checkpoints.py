@@ -225,6 +225,7 @@ def newest_verified(directory: Path) -> str | None:
                           f"over: {problem}. Renamed to {tag}.corrupt (deleted once a newer "
                           f"checkpoint is complete); resuming from an older one if there is one",
                           highlight=False, soft_wrap=True, markup=False)
+            shutil.rmtree(directory / f"{tag}.corrupt", ignore_errors=True)  # an earlier one
             os.replace(directory / tag, directory / f"{tag}.corrupt")
         _barrier()
     return None

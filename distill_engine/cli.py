@@ -3,8 +3,11 @@
 
 Also ``python launch/run.py --spec JOB.yaml`` for one process, ``--check`` to validate and
 print the resolved plan without training, ``--plan [--gpu-memory 80GB]`` to estimate
-memory per GPU at ``--world-size`` GPUs. Exit codes: 0 done, 2 bad spec, 1 a failure
-while running (bad weights, bad data, non-finite loss), each with a one-paragraph message.
+memory per GPU at ``--world-size`` GPUs. Exit codes: 0 done, 2 bad spec (or a spec that
+changed since the run started, or a run directory another job holds), 1 a failure while
+running (bad weights, bad data, non-finite loss), each with a one-paragraph message;
+128 + the signal (143, 130) when SIGTERM/SIGINT stopped the job after a checkpoint
+(docs/reliability.md).
 Heavy modules (torch, deepspeed) are imported only once they are needed.
 """
 

@@ -86,6 +86,8 @@ def test_signals_end_in_one_checkpoint_and_a_second_launch_is_refused(digits, te
         second = run_deepspeed(spec_file, timeout=300)
         assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
         refusal = second.stdout + second.stderr
+        print("\nsecond launch on the run directory: exit", second.returncode, "\n   ",
+              next(l for l in refusal.splitlines() if "is in use" in l)[:400])
         assert f"{run_dir} is in use by another job: host {socket.gethostname()}, pid " in refusal
         assert "Traceback" not in refusal
         assert first.process.poll() is None  # the first job went on
