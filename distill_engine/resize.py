@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger("distill_engine")
@@ -69,6 +70,14 @@ def load(engine, checkpoint_dir: Path, tag: str) -> dict[str, Any] | None:
         _, client_state = engine.load_checkpoint(str(out.parent), tag=out.name)
     finally:
         engine._config.load_universal_checkpoint = False
+    # DeepSpeed 0.19.8's universal loader gives every parameter group's state one and the
+    # same 'step' tensor; torch's AdamW increments it in place once per group, so Adam's
+    # step (and its bias correction) would advance by the number of groups at every step
+    # (seen: 3 -> 9 after 3 steps with 2 groups). One tensor per group.
+    optimizer = getattr(engine.optimizer, "optimizer", None)
+    for state in getattr(optimizer, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     return client_state
 
 
