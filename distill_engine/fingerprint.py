@@ -31,10 +31,12 @@ FILE = "spec_fingerprint.json"
 _MISSING = object()  # a field one of the two specs does not have
 
 # Field paths (prefixes) of a stage that may differ between the run that started a stage
-# and one that resumes it.
+# and one that resumes it: how long to train, what to report, how often to save, and how
+# to react to faults (the non-finite-loss message itself suggests on_nonfinite: skip).
 ALLOWED = ("optimisation.steps", "optimisation.epochs", "logging.", "checkpointing.every_steps",
            "checkpointing.keep", "checkpointing.resume", "eval", "data.eval",
-           "deepspeed.timeout_s")
+           "deepspeed.timeout_s", "optimisation.on_nonfinite",
+           "optimisation.max_consecutive_skips", "data.max_bad_samples")
 
 
 def of_stage(plan: StagePlan) -> dict[str, Any]:
