@@ -328,3 +328,22 @@ def test_one_process_without_the_launcher_and_resuming_at_another_world_size(
     # So did Adam: its step count is that of the whole stage.
     assert adam_steps(checkpoints / tag(9)) == {9}
     assert (stage / "export" / "metrics.json").is_file()
+
+
+def test_restart_from_moves_the_stage_and_those_after_it_aside(two_stage_run, tmp_path):
+    import shutil
+
+    from distill_engine.fingerprint import restart_from
+    from distill_engine.plan import load_plan
+    work, spec = two_stage_run
+    shutil.copytree(work / "run", tmp_path / "run")  # the fixture's run stays as it was
+    changed = copy.deepcopy(spec)
+    changed["run_dir"] = str(tmp_path / "run")
+    changed["stages"][0]["student"]["kwargs"]["num_heads"] = 4
+    spec_file = write_spec(tmp_path / "changed.yaml", changed)
+    restart_from(load_plan(spec_file, world_size=2), "fd")  # what rank 0 does, holding the lock
+    moved = sorted(p.name.split(".replaced-")[0] for p in (tmp_path / "run").glob("*.replaced-*"))
+    assert moved == ["fd", "second"]
+    assert not (tmp_path / "run" / "fd").exists() and not (tmp_path / "run" / "second").exists()
+    code, out, err = check_in_process(spec_file)  # nothing left to compare: the spec passes
+    assert code == 0, out + err
