@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -260,7 +261,8 @@ class ShardStream:
                 # torch RNG, shifting the trainer's dropout/drop-path stream at every epoch and
                 # resume (our workers' randomness comes from derive_seed, not from that seed).
                 loader = DataLoader(epoch_data, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                                    generator=torch.Generator().manual_seed(self.epoch))
+                                    generator=torch.Generator().manual_seed(self.epoch),
+                                    worker_init_fn=_leave_stop_signals_to_the_main_process)
             for batch in loader:
                 if "__error__" in batch:
                     raise DataError(batch["__error__"])
@@ -282,6 +284,15 @@ class ShardStream:
         self._bad_before_epoch = self.bad_samples
         self.epoch, self.batch = self.epoch + 1, 0
         self._new_epoch_counters()
+
+
+def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """SIGTERM/SIGINT reach the whole process group (a cluster preempting the job, Ctrl-C). A
+    worker they killed would make torch raise in the main process wherever it is, e.g. in
+    the middle of the checkpoint it is saving on its way out; the main process decides when
+    to stop and shuts its workers down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _check_rank(batch_size: int, rank: int, world_size: int) -> None:

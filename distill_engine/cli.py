@@ -3,8 +3,11 @@
 
 Also ``python launch/run.py --spec JOB.yaml`` for one process, ``--check`` to validate and
 print the resolved plan without training, ``--plan [--gpu-memory 80GB]`` to estimate
-memory per GPU at ``--world-size`` GPUs. Exit codes: 0 done, 2 bad spec, 1 a failure
-while running (bad weights, bad data, non-finite loss), each with a one-paragraph message.
+memory per GPU at ``--world-size`` GPUs. Exit codes: 0 done, 2 bad spec (or a spec that
+changed since the run started, or a run directory another job holds), 1 a failure while
+running (bad weights, bad data, non-finite loss), each with a one-paragraph message;
+128 + the signal (143, 130) when SIGTERM/SIGINT stopped the job after a checkpoint
+(docs/reliability.md).
 Heavy modules (torch, deepspeed) are imported only once they are needed.
 """
 
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                         help="stop (with a checkpoint) after this many steps in this run; "
                              "running the same command again resumes")
+    parser.add_argument("--restart-from", default=None, metavar="STAGE",
+                        help="start STAGE and every stage after it again: their directories "
+                             "in run_dir are moved aside (NAME.replaced-TIME), not deleted. "
+                             "Needed to train a stage whose spec changed since it started")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; not for users")
     return parser
@@ -80,19 +87,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {where}: {message} (a memory plan needs shapes only)", file=sys.stderr)
         gpu_memory = args.gpu_memory
         return 0 if print_memory(plan_job(job, world_size, gpu_memory), gpu_memory) else 3
+    stage_names = [stage.name for stage in job.spec.stages]
+    if args.restart_from is not None and args.restart_from not in stage_names:
+        if is_first_rank:
+            print(f"error: --restart-from {args.restart_from}: the job has no stage of that "
+                  f"name; its stages: {', '.join(stage_names)}", file=sys.stderr)
+        return 2
+    from .fingerprint import changed_stages
+    changed = changed_stages(job, restarting=args.restart_from)
+    if changed:
+        if is_first_rank:
+            print(changed, file=sys.stderr)
+        return 2
     if args.check:
         from .report import print_plan
         print_plan(job)
         return 0
-    return train(job, args.stop_after)
+    return train(job, args.stop_after, args.restart_from)
 
 
-def train(job, stop_after: int | None) -> int:
+def single_process_environment() -> None:
+    """``python launch/run.py`` without a launcher: one rank. Without RANK & co. DeepSpeed
+    would look for MPI (and fail without mpi4py). Left alone when an MPI or SLURM launch
+    of several tasks is under way: their own discovery applies there."""
+    if "RANK" in os.environ or any(int(os.environ.get(v, "1") or 1) > 1 for v in
+                                   ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")):
+        return
+    import socket
+    with socket.socket() as sock:  # a free port for the one-rank process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
+def train(job, stop_after: int | None, restart_from: str | None = None) -> int:
+    from . import preemption
+    preemption.install()  # first: a SIGTERM from here on ends in a checkpoint, not a kill
+    single_process_environment()
     import deepspeed
     import torch.distributed as dist
     from data_shards import DataError
     from .checkpoints import CheckpointError
     from .progress import console, setup_logging, summary_table
+    from .run_lock import RunLock
     from .trainer import NonFiniteLoss, run_job
     from .weights import WeightsError
     from rich.markup import escape
@@ -116,8 +155,19 @@ def train(job, stop_after: int | None) -> int:
                           highlight=False, soft_wrap=True)
         return 1
 
+    lock = RunLock(job.spec.run_dir) if rank == 0 else None
+    if not hold_run_dir(lock, job, restart_from):
+        return 2
     try:
         rows = run_job(job, stop_after)
+    except preemption.Preempted as stop:
+        if rank == 0:
+            saved = (f"saved checkpoint {stop.tag} (complete)" if stop.tag
+                     else "nothing to save yet")
+            console.print(f"[yellow]stopped:[/yellow] {escape(stop.why)}; every rank finished "
+                          f"step {stop.step} and the job {saved}; run the same command "
+                          f"again to resume from it", highlight=False, soft_wrap=True)
+        return stop.exit_code
     except (WeightsError, DataError, NonFiniteLoss, CheckpointError) as err:
         return report(str(err), isinstance(err, NonFiniteLoss) or
                       getattr(err, "every_rank", False))
@@ -127,10 +177,37 @@ def train(job, stop_after: int | None) -> int:
         return report(f"lost contact with another rank ({str(err).splitlines()[0]}): it died "
                       f"or stopped answering for deepspeed.timeout_s. Run the same command "
                       f"again to resume from the newest complete checkpoint")
+    finally:
+        if lock is not None:
+            lock.release()
     if rank == 0 and rows is not None:
         console.print(summary_table(rows))
     dist.barrier()
     return 0
+
+
+def hold_run_dir(lock, job, restart_from: str | None) -> bool:
+    """Collective. Rank 0 takes the run directory's lock (and, with --restart-from, moves
+    the restarted stages aside); False on every rank when another job holds it."""
+    import torch.distributed as dist
+    from .fingerprint import restart_from as move_aside
+    from .progress import console
+    from .run_lock import RunDirInUse
+    problem = None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+        except RunDirInUse as err:
+            problem = f"error: {err}"
+            print(problem, file=sys.stderr)
+        else:
+            if note:
+                console.print(f"note: {note}", highlight=False, soft_wrap=True)
+            if restart_from:
+                move_aside(job, restart_from)
+    verdict = [problem]
+    dist.broadcast_object_list(verdict, src=0)
+    return verdict[0] is None
 
 
 def lost_peer(err: Exception) -> bool:

@@ -83,8 +83,8 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
         if stage.student.arch.startswith(STAGE_REF):
             source = earlier(stage.student.arch, f"{here}.student.arch")
             if source:
-                student = ModelRecipe(source.student.arch,
-                                      {**source.student.kwargs, **stage.student.kwargs})
+                exported = exported_student(source)
+                student = ModelRecipe(exported.arch, {**exported.kwargs, **stage.student.kwargs})
         else:
             student = ModelRecipe(stage.student.arch, dict(stage.student.kwargs))
         student_init = None
@@ -104,7 +104,8 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
             if stage.teacher.arch.startswith(STAGE_REF):
                 source = earlier(stage.teacher.arch, f"{here}.teacher.arch")
                 if source:
-                    teacher = ModelRecipe(source.student.arch, source.student.kwargs,
+                    exported = exported_student(source)
+                    teacher = ModelRecipe(exported.arch, exported.kwargs,
                                           source.export_dir / "model.safetensors")
             else:
                 teacher = ModelRecipe(stage.teacher.arch, dict(stage.teacher.kwargs),
@@ -134,6 +135,20 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
         refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, student, student_init,
                               taps_s, taps_t) if student is not None else None)
     return refs
+
+
+def exported_student(source: StageRefs) -> ModelRecipe:
+    """The student an earlier stage exported, as its ``model.json`` says once the stage is
+    complete (the spec may have changed since; the weights are of that architecture), else
+    as the spec says (the stage has yet to run)."""
+    if (source.export_dir / "metrics.json").is_file():
+        try:
+            card = json.loads((source.export_dir / "model.json").read_text())
+            return ModelRecipe(card["arch"], dict(card["kwargs"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an export without a readable card: the spec's recipe (and a clear
+            # shape-mismatch report from the weights check if they differ)
+    return source.student
 
 
 # ---------------------------------------------------------------------------- files

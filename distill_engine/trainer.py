@@ -23,7 +23,7 @@ import yaml
 from data_shards import ShardStream
 from data_shards.keys import derive_seed
 
-from . import checkpoints, faults
+from . import checkpoints, faults, fingerprint, preemption, resize
 from .engines import build_student, build_teacher, shard_counts
 from .evaluation import Evaluation
 from .export import class_names, make_readable, preprocessing, save_export
@@ -65,6 +65,8 @@ class StageTrainer:
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
+        if self.rank == 0:
+            fingerprint.record(self.plan)  # what the stage runs with; changes since, noted
         data = self.spec.data
         self.stream = ShardStream(
             data.train, batch_size=data.micro_batch_size, rank=self.rank,
@@ -80,12 +82,23 @@ class StageTrainer:
         self.total_steps = steps.total
         self.build_engines(steps.total, steps.warmup)
         if self.spec.checkpointing.resume:
-            state = checkpoints.resume(self.student, self.checkpoint_dir)
-            if state is not None:
+            tag = checkpoints.newest_verified(self.checkpoint_dir)
+            if tag is not None:
+                state = checkpoints.resume(self.student, self.checkpoint_dir, tag)
                 self.step = state["step"]
                 self.skipped_steps = state.get("nonfinite_skipped_steps", 0)
-                self.stream.load_state_dict(state["stream"])
+                stream_state = state["stream"]
+                if state["saved_world_size"] != self.world_size:
+                    stream_state = resize.stream_state_after(
+                        stream_state, state["saved_world_size"], self.world_size,
+                        data.micro_batch_size, self.stream.batches_per_epoch)
+                    log.info("%s: saved at %d ranks, resumed at %d: weights, optimizer state, "
+                             "step and schedule carry over; the rest of the epoch is drawn "
+                             "in another sample order", self.spec.name,
+                             state["saved_world_size"], self.world_size)
+                self.stream.load_state_dict(stream_state)
                 log.info("%s: resumed from %s (step %d)", self.spec.name, state["tag"], self.step)
+        self.saved_step = self.step  # the step of the newest complete checkpoint
         # Seed drop path & co. per rank, unless a checkpoint restored the RNG.
         if self.step == 0:
             torch.manual_seed(self.job.spec.seed + 1000 * self.plan.index + self.rank)
@@ -203,6 +216,8 @@ class StageTrainer:
         first_loss = None
         try:
             while self.step < stop_at:
+                if preemption.stop_requested_everywhere():
+                    self.save_and_stop()
                 faults.maybe_kill_rank(self.step + 1, self.rank)  # test-only
                 faults.maybe_hang_rank(self.step + 1, self.rank)  # test-only
                 started = time.perf_counter()
@@ -240,7 +255,17 @@ class StageTrainer:
         checkpoints.save(self.student, self.checkpoint_dir, self.step,
                          {"step": self.step, "stream": self.stream.state_dict(),
                           "stage": self.spec.name, "nonfinite_skipped_steps": self.skipped_steps},
-                         keep=self.spec.checkpointing.keep)
+                         keep=self.spec.checkpointing.keep,
+                         marker={"spec": fingerprint.of_stage(self.plan)})
+        self.saved_step = self.step
+
+    def save_and_stop(self) -> None:
+        """A rank was asked to stop (preemption.py): every rank has finished its step; save
+        it unless the newest checkpoint already holds it, then stop on every rank."""
+        if self.step != self.saved_step:
+            self.save()
+        raise preemption.Preempted(preemption.stop_reason(), preemption.stop_signal(),
+                                   self.step, checkpoints.tag_of(self.step) if self.step else None)
 
     # ------------------------------------------------------------------ the end
 
@@ -270,7 +295,8 @@ class StageTrainer:
         plan = self.plan
         probe = self.probe()
         save_export(self.student.module.model, plan.student, plan.export_dir,
-                    extra={"stage": self.spec.name, "data_config": preprocessing(self.spec.data),
+                    extra={"stage": self.spec.name, "spec": fingerprint.of_stage(plan),
+                           "data_config": preprocessing(self.spec.data),
                            "label_names": class_names(self.spec.data)})
         if self.rank == 0:
             from safetensors.torch import save_file

@@ -109,6 +109,74 @@ def run_deepspeed(spec: Path, *extra: str, ranks: int = 2, timeout: int = 600,
             leftover.unlink(missing_ok=True)
 
 
+class StartedJob:
+    """A ``deepspeed`` launch running in its own session (process group), so that a test
+    can signal it as a cluster would and then look for processes left behind."""
+
+    def __init__(self, spec: Path, *extra: str, ranks: int = 2, log: Path,
+                 extra_env: dict[str, str] | None = None, single_process: bool = False):
+        self.port = free_port()
+        self.log = log
+        if single_process:
+            args = [sys.executable, str(ROOT / "launch" / "run.py"), "--spec", str(spec), *extra]
+        else:
+            args = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+                    str(self.port), str(ROOT / "launch" / "run.py"), "--spec", str(spec), *extra]
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env={**env(), **(extra_env or {})},
+                                            start_new_session=True)
+        self.session = self.process.pid  # session and process group id
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal_group(self, signum: int) -> None:
+        os.killpg(self.session, signum)
+
+    def left_behind(self) -> list[str]:
+        """Processes of the job's session still alive (none once it has ended)."""
+        import psutil
+        alive = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getsid(proc.pid) == self.session:
+                    alive.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:120]}")
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        return alive
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        """Until ``text`` appears in the output (the job is past its start-up)."""
+        import time
+        deadline = time.time() + timeout
+        while text not in self.output:
+            if self.process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"{text!r} never appeared:\n{self.output[-3000:]}")
+            time.sleep(0.2)
+
+    def wait(self, timeout: float = 300) -> tuple[int, float, list[str]]:
+        """(exit code of the launched command, seconds until the whole session had ended,
+        processes still alive ``timeout`` seconds on: orphans)."""
+        import time
+        started = time.time()
+        code = self.process.wait(timeout=timeout)
+        while self.left_behind() and time.time() < started + timeout:
+            time.sleep(0.2)
+        return code, time.time() - started, self.left_behind()
+
+    def clean_up(self) -> None:
+        """Kills whatever of the session is left (so a failing test leaves nothing running)."""
+        import signal
+        try:
+            os.killpg(self.session, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{self.port}_*"):
+            leftover.unlink(missing_ok=True)
+
+
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
