@@ -111,10 +111,11 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
            size: int, dtype: str = "fp32", checkpointing: bool = False,
            arch: str = "timm:vit_tiny_patch16_224", student_arch: str | None = None,
            tap: str = "norm", teacher_tap: str | None = None, world_size: int = 1, teacher_weights: bool = True,
-           student_config: str = "ds_configs/student_zero3.json"):
+           student_config: str = "auto", teacher_config: str = "auto"):
     """A one-stage FD job and its plan. With ``teacher_weights`` the random teacher is saved
     to ``work`` (the engine loads it); without, the weights path is a placeholder (for
-    teachers too large to save here, built with random init by measure_memory.py)."""
+    teachers too large to save here, built with random init by measure_memory.py).
+    Configs are ``auto`` (placement chosen from the plan) or paths relative to the repo."""
     import timm
     import torch
     import yaml
@@ -138,8 +139,9 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
             "teacher": {"arch": arch, "kwargs": teacher, "weights": str(weights), "dtype": dtype},
             "student": {"arch": student_arch or arch, "kwargs": student, "dtype": dtype,
                         "grad_checkpointing": checkpointing},
-            "deepspeed": {"student_config": str(ROOT / student_config),
-                          "teacher_config": str(ROOT / "ds_configs/teacher_zero3_inference.json")},
+            "deepspeed": {key: value if value == "auto" else str(ROOT / value) for key, value
+                          in (("student_config", student_config),
+                              ("teacher_config", teacher_config))},
             "objectives": [{"kind": "feature", "student_tap": tap,
                             "teacher_tap": teacher_tap or tap}],
         }],
@@ -204,9 +206,11 @@ def measured(stdout: str) -> list[dict[str, Any]]:
 
 
 def measure_memory(job_file: Path, *, ranks: int = 1, steps: int = 2, teacher_only: bool = False,
-                   random_teacher: bool = False, timeout: int = 900) -> list[dict[str, Any]]:
+                   random_teacher: bool = False, compare_bare: bool = False,
+                   timeout: int = 900) -> list[dict[str, Any]]:
     args = ["--job", str(job_file), "--steps", str(steps)]
     args += ["--teacher-only"] if teacher_only else []
+    args += ["--compare-bare"] if compare_bare else []
     args += ["--random-teacher"] if random_teacher else []
     script = Path(__file__).resolve().parent / "measure_memory.py"
     return measured(launch(script, *args, ranks=ranks, timeout=timeout))

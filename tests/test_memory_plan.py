@@ -59,7 +59,7 @@ def test_sharding_and_checkpointing_shrink_what_they_should():
     job = load_plan(ROOT / "jobs" / "fd_vitl.yaml", world_size=8, missing_inputs_ok=True)
     at = {n: {l.what: l.bytes for l in plan_stage(job.stages[0], n).lines} for n in (8, 64)}
     # The shard is parameters x 2 B / N plus a gathered working set that does not depend on N.
-    params = job.stages[0].teacher_params_kept
+    params = job.stages[0].models.teacher_params_kept
     saved = at[8]["teacher shard"] - at[64]["teacher shard"]
     assert saved == pytest.approx(params * 2 * (1 / 8 - 1 / 64), rel=1e-6)
     on = load_plan(ROOT / "jobs" / "fd_vitl.yaml", ["stages.0.student.grad_checkpointing=true"],
