@@ -111,11 +111,13 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
            size: int, dtype: str = "fp32", checkpointing: bool = False,
            arch: str = "timm:vit_tiny_patch16_224", student_arch: str | None = None,
            tap: str = "norm", teacher_tap: str | None = None, world_size: int = 1, teacher_weights: bool = True,
-           student_config: str = "auto", teacher_config: str = "auto"):
+           student_config: str = "auto", teacher_config: str = "auto",
+           objectives: list[dict[str, Any]] | None = None):
     """A one-stage FD job and its plan. With ``teacher_weights`` the random teacher is saved
     to ``work`` (the engine loads it); without, the weights path is a placeholder (for
     teachers too large to save here, built with random init by measure_memory.py).
-    Configs are ``auto`` (placement chosen from the plan) or paths relative to the repo."""
+    Configs are ``auto`` (placement chosen from the plan) or paths relative to the repo.
+    ``objectives`` replace FD at ``tap``; a job whose objectives need no teacher has none."""
     import timm
     import torch
     import yaml
@@ -124,11 +126,13 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
     from distill_engine.plan import load_plan
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "teacher.safetensors"
-    if teacher_weights and not weights.exists():
+    if teacher_weights and not weights.exists() and teacher is not None:
         torch.manual_seed(0)
         model = timm.create_model(arch.split(":", 1)[1], **teacher)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     (work / "shards").mkdir(exist_ok=True)  # never read: the benchmarks feed fixed batches
+    objectives = objectives or [{"kind": "feature", "student_tap": tap,
+                                 "teacher_tap": teacher_tap or tap}]
     spec = {
         "name": "bench", "run_dir": str(work / "run"), "seed": 0,
         "data": {"train": str(work / "shards"), "micro_batch_size": batch, "num_workers": 0,
@@ -142,10 +146,11 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
             "deepspeed": {key: value if value == "auto" else str(ROOT / value) for key, value
                           in (("student_config", student_config),
                               ("teacher_config", teacher_config))},
-            "objectives": [{"kind": "feature", "student_tap": tap,
-                            "teacher_tap": teacher_tap or tap}],
+            "objectives": objectives,
         }],
     }
+    if all(o["kind"] == "cross_entropy" for o in objectives):
+        del spec["stages"][0]["teacher"]
     path = work / "job.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return load_plan(path, world_size=world_size, missing_inputs_ok=not teacher_weights)
@@ -184,7 +189,8 @@ def fixed_batches(batch: int, size: int, seed: int = 0):
     import itertools
     import torch
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return itertools.repeat({"image": images})
+    labels = torch.arange(batch) % 2  # for objectives that read labels (cross_entropy)
+    return itertools.repeat({"image": images, "label": labels})
 
 
 def engine_trainer(job, plan, batches):

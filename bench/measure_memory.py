@@ -112,8 +112,13 @@ def main() -> None:
         trainer = common.engine_trainer(job, plan, common.fixed_batches(batch, size))
         common.trim()
         result["held_after_build"] = common.rss() - base
+        result["step_s"] = []
         for _ in range(args.steps):
+            started = time.perf_counter()
             trainer.train_step()
+            result["step_s"].append(time.perf_counter() - started)
+        result["placement"] = [p.name for p in (trainer.placement.teacher,
+                                                trainer.placement.student) if p is not None]
     result.setdefault("peak", common.peak_rss() - base)
     print("MEASURED " + json.dumps(result), flush=True)
     common.remove_shm_buffers()

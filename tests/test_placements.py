@@ -112,3 +112,28 @@ def test_every_placement_learns_the_same_thing(placements_run):
         assert len(group) >= 2
         for got in group[1:]:
             assert got == pytest.approx(group[0], rel=1e-4), (got, group[0])
+
+
+def test_auto_placement_shards_what_does_not_fit_and_a_named_config_wins():
+    """The paper-scale FD recipe (ViT-L teacher and student, bf16, 8 GPUs), planned against
+    devices of several sizes: the cheapest placement that fits, leaner as memory shrinks."""
+    from distill_engine.placement import place
+    from distill_engine.plan import load_plan
+    gib = 2 ** 30
+    job = load_plan(ROOT / "jobs" / "fd_vitl.yaml", world_size=8, missing_inputs_ok=True)
+    chosen = {size: place(job.stages[0], 8, size * gib) for size in (80, 16, 4)}
+    assert (chosen[80].teacher.name, chosen[80].student.name) == ("replicated", "ZeRO-1")
+    assert (chosen[16].teacher.name, chosen[16].student.name) == ("replicated", "ZeRO-3")
+    assert chosen[4].teacher.name == "ZeRO-3 sharded"
+    assert chosen[4].student.name == "ZeRO-3 + optimizer offload"
+    assert "nothing fits" in chosen[4].student.why
+    assert chosen[80].memory.total < 0.9 * 80 * gib
+    # A sharded teacher gathers at most two of its largest layers (ViT-L: fc1 with its bias).
+    assert chosen[4].teacher.defaults["stage3_max_live_parameters"] == 2 * (1024 * 4096 + 4096)
+    # The memory each choice was judged by is the memory --plan prints for it.
+    named = load_plan(ROOT / "jobs" / "fd_vitl.yaml",
+                      [f"stages.0.deepspeed.student_config={STUDENT_CONFIGS[0]}"],
+                      world_size=8, missing_inputs_ok=True)
+    explicit = place(named.stages[0], 8, 4 * gib)
+    assert explicit.student.config == STUDENT_CONFIGS[0]
+    assert explicit.student.why == "deepspeed.student_config names it"
