@@ -98,7 +98,8 @@ def place(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
         from .engines import accelerator_has_bf16
         accelerator_bf16 = accelerator_has_bf16()
     facts = facts or stage_facts(plan)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    # Ranks sharing this machine (DeepSpeed's launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE).
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if gpu_memory:
         total, how = gpu_memory, f"--gpu-memory {gib(gpu_memory)}"
     else:
