@@ -7,13 +7,14 @@ micro-batch.
 
 Per rank, for each stage:
 
-- teacher shard: the (pruned) teacher's parameters / N under ZeRO-3, plus the gathered
-  working set (the largest layer and the prefetch bucket);
+- teacher shard: the (pruned) teacher's parameters / N under ZeRO-3, plus what may be
+  gathered at once (``stage3_max_live_parameters``, which the runtime sizes from the largest
+  layer, and the layer that crosses it); a replicated teacher: all its parameters;
 - teacher activations: a no-grad forward frees as it goes, so about two layer outputs live
   at once, plus the taps that are kept for the loss;
 - objectives: each built objective says what it holds per sample (FD's fp32 copies of the
   teacher tokens, the relation objective's [h, N, N] maps, fewer with ``chunk_rows``);
-- student model states: DeepSpeed's own estimators
+- student model states (ZeRO-0: everything on every rank): DeepSpeed's own estimators
   (``estimate_zero3_model_states_mem_needs`` / ``estimate_zero2_model_states_mem_needs``,
   which count 16-bit mixed precision with Adam); an fp32 student, which those do not cover,
   is counted as 4 B parameters + 4 B gradients + 8 B Adam states per parameter, sharded as
@@ -259,10 +260,15 @@ def student_model_states(params: int, largest_layer: int, s: Settings) -> tuple[
             params, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=s.offload_optimizer)
         return device, "DeepSpeed estimate_zero2_model_states_mem_needs"
     # fp32: 4 B parameters, 4 B gradients, 8 B Adam moments; offload moves the moments off.
+    # ZeRO-1/2 also keep their own fp32 copy of the rank's partition (and its gradient),
+    # cloned even when the model is fp32 already; ZeRO-1 holds the whole gradient as well.
     optimizer = 0 if s.offload_optimizer else 8
     if s.zero_stage == 3:
         return 4 * largest_layer + (8 + optimizer) * params / n, "fp32: (4+4+8) B/param / N"
-    return 4 * params + (4 + optimizer) * params / n, "fp32: 4 B/param + (4+8) B/param / N"
+    if s.zero_stage == 1:
+        return (8 * params + (8 + optimizer) * params / n,
+                "fp32: (4+4) B/param + (4+4+8) B/param / N")
+    return 4 * params + (8 + optimizer) * params / n, "fp32: 4 B/param + (4+4+8) B/param / N"
 
 
 def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFacts | None,

@@ -37,6 +37,7 @@ def sbatch(spec: Path, logs: Path, *extra: str, timeout: int = 300) -> list[str]
     slurm = {"SLURM_NNODES": "2", "SLURM_JOB_ID": str(port), "SLURM_JOB_NODELIST": "node[0-1]",
              "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": str(ROOT),
              "DISTILL_HOSTFILE_DIR": str(logs), "DISTILL_MASTER_PORT": str(port),
+             "DISTILL_MASTER_ADDR": "127.0.0.1",  # node0 names no machine here
              "STUB_LOG_DIR": str(logs),
              "PATH": os.pathsep.join([str(STUBS), str(VENV_BIN), os.environ["PATH"]])}
     result = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), str(spec), *extra],
