@@ -293,6 +293,10 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
     module = StudentModel(model, family, objectives)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, opt.weight_decay), config=config)
+    if zero_stage(config) == 0 and engine.dp_world_size == 1:
+        # One rank without ZeRO has nothing to all-reduce; DeepSpeed would still flatten
+        # every gradient into buckets, "reduce" them and copy them back, each step.
+        engine.enable_backward_allreduce = False
     module.attach_taps(plan.student_taps)
     return engine, dtype
 
