@@ -5,7 +5,9 @@ second forward on ZeRO-3 prefetches along the recorded trace, so a first forward
 understates the peak), against the planner's teacher figure; and, on 1 rank for the first
 model, seconds per forward of the engine against the bare bf16 model, alternating. Each
 rank measures its own peak RSS (VmHWM, reset after start-up) minus its RSS before building,
-so the figures are what the teacher costs, not the Python and DeepSpeed start-up.
+so the figures are what the teacher costs, not the Python and DeepSpeed start-up; glibc
+runs with a fixed mmap threshold (``common.EXACT_MALLOC``), so that peak RSS follows the
+live tensors rather than the allocator's retained blocks.
 
     python bench/bench_teacher_sharding.py [--models vit_large_patch16_224,...] [--forwards 3]
 """
@@ -85,6 +87,7 @@ def main() -> None:
             f"sized from the plan: 2 x the largest layer live, 1 layer prefetched), bf16, built "
             f"under `zero.Init` with random init, pruned to its FD tap, {args.batch} image(s) of "
             f"224 px per rank per forward, {args.forwards} forwards. Peak = VmHWM minus RSS "
+            f"(glibc with a fixed 64 KiB mmap threshold, so that RSS follows live tensors) "
             f"before building, per rank, after the first and after the last forward; seconds "
             f"= median forward after the first.\n\n" + "\n".join(lines))
     body += "\n\n" + "\n".join(f"- **{t}: peak per rank at 2 ranks / at 1 rank = {r:.3f}** "

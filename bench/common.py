@@ -58,6 +58,13 @@ def trim() -> None:
 
 
 GiB = 1024 ** 3
+# glibc keeps freed blocks of up to 32 MiB in its heaps (its mmap threshold rises to the
+# largest block freed) and in one arena per thread, so a CPU process's peak RSS varies
+# from run to run by hundreds of MiB for the same live tensors (ViT-L's sharded teacher at
+# 1 rank: 0.67 to 1.02 GiB). A fixed threshold maps every block of 64 KiB or more on its
+# own and unmaps it when freed: peak RSS then follows the live tensors (0.597 GiB, twice).
+# A GPU's memory is live tensors plus the caching allocator's slack, not glibc's.
+EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
@@ -85,12 +92,16 @@ def remove_shm_buffers() -> None:
             leftover.unlink(missing_ok=True)
 
 
-def launch(script: Path, *args: str, ranks: int = 2, timeout: int = 900) -> str:
-    """``deepspeed --num_gpus N script args``: real CPU ranks; returns stdout."""
+def launch(script: Path, *args: str, ranks: int = 2, timeout: int = 900,
+           exact_memory: bool = False) -> str:
+    """``deepspeed --num_gpus N script args``: real CPU ranks; returns stdout.
+    ``exact_memory``: glibc set so that peak RSS follows live tensors (for memory figures,
+    not timings: every large block is then a fresh mapping)."""
     import subprocess
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+           **(EXACT_MALLOC if exact_memory else {})}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parents[1] / "torch_extensions"))
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
                "--master_port", str(port), str(script), *args]
@@ -213,10 +224,11 @@ def measured(stdout: str) -> list[dict[str, Any]]:
 
 def measure_memory(job_file: Path, *, ranks: int = 1, steps: int = 2, teacher_only: bool = False,
                    random_teacher: bool = False, compare_bare: bool = False,
-                   timeout: int = 900) -> list[dict[str, Any]]:
+                   exact_memory: bool = True, timeout: int = 900) -> list[dict[str, Any]]:
     args = ["--job", str(job_file), "--steps", str(steps)]
     args += ["--teacher-only"] if teacher_only else []
     args += ["--compare-bare"] if compare_bare else []
     args += ["--random-teacher"] if random_teacher else []
     script = Path(__file__).resolve().parent / "measure_memory.py"
-    return measured(launch(script, *args, ranks=ranks, timeout=timeout))
+    return measured(launch(script, *args, ranks=ranks, timeout=timeout,
+                           exact_memory=exact_memory))

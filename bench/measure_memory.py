@@ -94,6 +94,7 @@ def main() -> None:
     if args.teacher_only:
         teacher, dtype = (random_teacher(plan) if args.random_teacher
                           else build_teacher(plan, job.spec.seed))
+        result["build_peak"] = common.peak_rss() - base
         common.trim()
         result["teacher_held"] = common.rss() - base
         images = next(common.fixed_batches(batch, size))["image"].to(dtype)
