@@ -58,6 +58,13 @@ def trim() -> None:
 
 
 GiB = 1024 ** 3
+# glibc keeps freed blocks of up to 32 MiB in its heaps (its mmap threshold rises to the
+# largest block freed) and in one arena per thread, so a CPU process's peak RSS varies
+# from run to run by hundreds of MiB for the same live tensors (ViT-L's sharded teacher at
+# 1 rank: 0.67 to 1.02 GiB). A fixed threshold maps every block of 64 KiB or more on its
+# own and unmaps it when freed: peak RSS then follows the live tensors (0.597 GiB, twice).
+# A GPU's memory is live tensors plus the caching allocator's slack, not glibc's.
+EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
@@ -85,12 +92,16 @@ def remove_shm_buffers() -> None:
             leftover.unlink(missing_ok=True)
 
 
-def launch(script: Path, *args: str, ranks: int = 2, timeout: int = 900) -> str:
-    """``deepspeed --num_gpus N script args``: real CPU ranks; returns stdout."""
+def launch(script: Path, *args: str, ranks: int = 2, timeout: int = 900,
+           exact_memory: bool = False) -> str:
+    """``deepspeed --num_gpus N script args``: real CPU ranks; returns stdout.
+    ``exact_memory``: glibc set so that peak RSS follows live tensors (for memory figures,
+    not timings: every large block is then a fresh mapping)."""
     import subprocess
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+           **(EXACT_MALLOC if exact_memory else {})}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parents[1] / "torch_extensions"))
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
                "--master_port", str(port), str(script), *args]
@@ -111,10 +122,13 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
            size: int, dtype: str = "fp32", checkpointing: bool = False,
            arch: str = "timm:vit_tiny_patch16_224", student_arch: str | None = None,
            tap: str = "norm", teacher_tap: str | None = None, world_size: int = 1, teacher_weights: bool = True,
-           student_config: str = "ds_configs/student_zero3.json"):
+           student_config: str = "auto", teacher_config: str = "auto",
+           objectives: list[dict[str, Any]] | None = None):
     """A one-stage FD job and its plan. With ``teacher_weights`` the random teacher is saved
     to ``work`` (the engine loads it); without, the weights path is a placeholder (for
-    teachers too large to save here, built with random init by measure_memory.py)."""
+    teachers too large to save here, built with random init by measure_memory.py).
+    Configs are ``auto`` (placement chosen from the plan) or paths relative to the repo.
+    ``objectives`` replace FD at ``tap``; a job whose objectives need no teacher has none."""
     import timm
     import torch
     import yaml
@@ -123,11 +137,13 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
     from distill_engine.plan import load_plan
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "teacher.safetensors"
-    if teacher_weights and not weights.exists():
+    if teacher_weights and not weights.exists() and teacher is not None:
         torch.manual_seed(0)
         model = timm.create_model(arch.split(":", 1)[1], **teacher)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     (work / "shards").mkdir(exist_ok=True)  # never read: the benchmarks feed fixed batches
+    objectives = objectives or [{"kind": "feature", "student_tap": tap,
+                                 "teacher_tap": teacher_tap or tap}]
     spec = {
         "name": "bench", "run_dir": str(work / "run"), "seed": 0,
         "data": {"train": str(work / "shards"), "micro_batch_size": batch, "num_workers": 0,
@@ -138,12 +154,14 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
             "teacher": {"arch": arch, "kwargs": teacher, "weights": str(weights), "dtype": dtype},
             "student": {"arch": student_arch or arch, "kwargs": student, "dtype": dtype,
                         "grad_checkpointing": checkpointing},
-            "deepspeed": {"student_config": str(ROOT / student_config),
-                          "teacher_config": str(ROOT / "ds_configs/teacher_zero3_inference.json")},
-            "objectives": [{"kind": "feature", "student_tap": tap,
-                            "teacher_tap": teacher_tap or tap}],
+            "deepspeed": {key: value if value == "auto" else str(ROOT / value) for key, value
+                          in (("student_config", student_config),
+                              ("teacher_config", teacher_config))},
+            "objectives": objectives,
         }],
     }
+    if all(o["kind"] == "cross_entropy" for o in objectives):
+        del spec["stages"][0]["teacher"]
     path = work / "job.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return load_plan(path, world_size=world_size, missing_inputs_ok=not teacher_weights)
@@ -182,7 +200,8 @@ def fixed_batches(batch: int, size: int, seed: int = 0):
     import itertools
     import torch
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return itertools.repeat({"image": images})
+    labels = torch.arange(batch) % 2  # for objectives that read labels (cross_entropy)
+    return itertools.repeat({"image": images, "label": labels})
 
 
 def engine_trainer(job, plan, batches):
@@ -204,9 +223,12 @@ def measured(stdout: str) -> list[dict[str, Any]]:
 
 
 def measure_memory(job_file: Path, *, ranks: int = 1, steps: int = 2, teacher_only: bool = False,
-                   random_teacher: bool = False, timeout: int = 900) -> list[dict[str, Any]]:
+                   random_teacher: bool = False, compare_bare: bool = False,
+                   exact_memory: bool = True, timeout: int = 900) -> list[dict[str, Any]]:
     args = ["--job", str(job_file), "--steps", str(steps)]
     args += ["--teacher-only"] if teacher_only else []
+    args += ["--compare-bare"] if compare_bare else []
     args += ["--random-teacher"] if random_teacher else []
     script = Path(__file__).resolve().parent / "measure_memory.py"
-    return measured(launch(script, *args, ranks=ranks, timeout=timeout))
+    return measured(launch(script, *args, ranks=ranks, timeout=timeout,
+                           exact_memory=exact_memory))

@@ -16,15 +16,20 @@ import common  # noqa: E402
 
 
 def random_teacher(plan):
-    """``engines.build_teacher`` without the weights: the same config, zero.Init, pruning,
-    inference engine and taps, with the model's random initialisation."""
+    """``engines.build_teacher`` of a sharded teacher without the weights: the same config
+    (the working set sized from the plan), zero.Init, pruning, inference engine and taps,
+    with the model's random initialisation."""
     import deepspeed
     import torch
+    import torch.distributed as dist
     from distill_engine.engines import TeacherModel, ds_config, resolve_dtype
+    from distill_engine.placement import place
     from distill_engine.tracing import prune_after
     stage = plan.spec
     dtype = resolve_dtype(stage.teacher.dtype)
-    config = ds_config(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides,
+    placement = place(plan, dist.get_world_size()).teacher
+    assert placement.sharded, "measure a sharded teacher: name its config in the job"
+    config = ds_config(placement.config, stage.deepspeed.teacher_overrides, placement.defaults,
                        train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
                        gradient_accumulation_steps=1, bf16={"enabled": dtype == torch.bfloat16})
     with deepspeed.zero.Init(config_dict_or_path=config):
@@ -37,6 +42,24 @@ def random_teacher(plan):
     return engine, dtype
 
 
+def alternate_with_bare(plan, teacher, images, pairs: int) -> dict[str, list[float]]:
+    """Seconds per forward of the teacher engine and of the same (pruned) model as a plain
+    module in the same dtype, alternating step by step."""
+    import torch
+    from distill_engine.tracing import prune_after
+    bare = plan.teacher.family.create(plan.teacher)
+    prune_after(bare, plan.models.teacher_trace, plan.teacher_taps)
+    bare.to(images.dtype).eval().requires_grad_(False)
+    seconds = {"engine": [], "bare": []}
+    for _ in range(pairs):
+        for name, forward in (("engine", teacher), ("bare", bare.forward_features)):
+            started = time.perf_counter()
+            with torch.no_grad():
+                forward(images)
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--job", type=Path, required=True)
@@ -46,6 +69,9 @@ def main() -> None:
     parser.add_argument("--random-teacher", action="store_true",
                         help="with --teacher-only: random init instead of a weights file "
                              "(teachers too large to save on this machine)")
+    parser.add_argument("--compare-bare", action="store_true",
+                        help="with --teacher-only: after measuring memory, time forwards of the "
+                             "engine and of the bare model in its dtype, alternating")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
 
@@ -68,22 +94,33 @@ def main() -> None:
     if args.teacher_only:
         teacher, dtype = (random_teacher(plan) if args.random_teacher
                           else build_teacher(plan, job.spec.seed))
+        result["build_peak"] = common.peak_rss() - base
         common.trim()
         result["teacher_held"] = common.rss() - base
         images = next(common.fixed_batches(batch, size))["image"].to(dtype)
-        times = []
+        times, peaks = [], []
         for _ in range(args.steps):
             started = time.perf_counter()
             teacher(images)
             times.append(time.perf_counter() - started)
+            peaks.append(common.peak_rss() - base)  # from the second on: ZeRO-3 prefetches
         result["forward_s"] = times
+        result["peak_after_forward"] = peaks
+        if args.compare_bare:
+            result["peak"] = common.peak_rss() - base
+            result["alternating"] = alternate_with_bare(plan, teacher, images, args.steps)
     else:
         trainer = common.engine_trainer(job, plan, common.fixed_batches(batch, size))
         common.trim()
         result["held_after_build"] = common.rss() - base
+        result["step_s"] = []
         for _ in range(args.steps):
+            started = time.perf_counter()
             trainer.train_step()
-    result["peak"] = common.peak_rss() - base
+            result["step_s"].append(time.perf_counter() - started)
+        result["placement"] = [p.name for p in (trainer.placement.teacher,
+                                                trainer.placement.student) if p is not None]
+    result.setdefault("peak", common.peak_rss() - base)
     print("MEASURED " + json.dumps(result), flush=True)
     common.remove_shm_buffers()
 

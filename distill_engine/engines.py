@@ -7,6 +7,7 @@ losses); nothing calls into a partitioned model from outside.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -18,6 +19,7 @@ from . import tracing, weights
 from .families import ModelFamily
 from .objectives import Objective, build_objective
 from .partitions import load_weights
+from .placement import Placement
 from .plan import StagePlan
 from .spec import deep_merge
 from .taps import OUTPUT, Taps
@@ -44,9 +46,23 @@ def resolve_dtype(choice: str) -> torch.dtype:
 # without fp16 (the CPU), whatever dtype was asked for.
 
 
-def ds_config(path, overrides: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """The JSON file, our computed fields over it, the user's overrides over both."""
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def partitioned_build(config: dict[str, Any]):
+    """``zero.Init`` (each rank allocates only its shard) under ZeRO-3, else nothing."""
+    import deepspeed
+    return (deepspeed.zero.Init(config_dict_or_path=config) if zero_stage(config) == 3
+            else contextlib.nullcontext())
+
+
+def ds_config(path, overrides: dict[str, Any], defaults: dict[str, Any] | None = None,
+              **fields: Any) -> dict[str, Any]:
+    """The JSON file over ``defaults`` (``zero_optimization`` fields sized from the plan),
+    our computed fields over it, the user's overrides over all."""
     config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    config = deep_merge({"zero_optimization": defaults or {}}, config)
     return deep_merge(deep_merge(config, fields), overrides)
 
 
@@ -85,20 +101,44 @@ class TeacherModel(TappedModel):
         return taps if OUTPUT in self.taps.names else {k: v for k, v in taps.items() if k != OUTPUT}
 
 
-def build_teacher(plan: StagePlan, job_seed: int):
-    """Builds the teacher under ``zero.Init`` (each rank allocates only its shard), prunes it
-    to the deepest tap, loads its weights into the partitions, and wraps it in an
-    inference-only engine (no optimizer)."""
+class LocalTeacher(nn.Module):
+    """A replicated teacher: the engine's interface (``module``, a call) without DeepSpeed,
+    which has nothing to do for a frozen model that every rank holds whole."""
+
+    def __init__(self, module: TeacherModel):
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs: Any) -> dict[str, Any]:
+        return self.module(inputs)
+
+
+def build_teacher(plan: StagePlan, job_seed: int, placement: Placement):
+    """Builds the teacher, prunes it to the deepest tap and loads its weights. Sharded: built
+    under ``zero.Init`` (each rank allocates only its shard), weights loaded into the
+    partitions, wrapped in an inference-only engine (no optimizer). Replicated: a plain
+    module in its dtype on this rank's device."""
     import deepspeed
     stage, recipe = plan.spec, plan.teacher
     dtype = resolve_dtype(stage.teacher.dtype)
-    config = ds_config(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides,
-                       train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
-                       gradient_accumulation_steps=1,
-                       bf16={"enabled": dtype == torch.bfloat16})
     # Read the weights before building, so that a bad file fails before any allocation.
     state = weights.read_state_dict(recipe.weights)
     torch.manual_seed(job_seed)
+    if not placement.sharded:
+        model = recipe.family.create(recipe)
+        removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
+        load_weights(model, state, recipe.weights, ignore=removed)
+        del state
+        from deepspeed.accelerator import get_accelerator
+        model.to(device=get_accelerator().current_device_name(), dtype=dtype)
+        model.eval().requires_grad_(False)
+        teacher = TeacherModel(model, recipe.family)
+        teacher.attach_taps(plan.teacher_taps)
+        return LocalTeacher(teacher), dtype
+    config = ds_config(placement.config, stage.deepspeed.teacher_overrides, placement.defaults,
+                       train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
+                       gradient_accumulation_steps=1,
+                       bf16={"enabled": dtype == torch.bfloat16})
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = recipe.family.create(recipe)
     removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
@@ -212,13 +252,14 @@ def scheduler_config(plan: StagePlan, total_steps: int, warmup: int) -> dict[str
     return {"type": "WarmupLR", "params": common}
 
 
-def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed: int):
+def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed: int,
+                  placement: Placement):
     import deepspeed
     stage, recipe = plan.spec, plan.student
     opt = stage.optimisation
     dtype = resolve_dtype(stage.student.dtype)
     config = ds_config(
-        stage.deepspeed.student_config, stage.deepspeed.student_overrides,
+        placement.config, stage.deepspeed.student_overrides, placement.defaults,
         train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
         gradient_accumulation_steps=opt.gradient_accumulation_steps,
         train_batch_size=plan.global_batch,
@@ -231,7 +272,9 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
     )
     torch.manual_seed(job_seed)
     family = recipe.family
-    with deepspeed.zero.Init(config_dict_or_path=config):
+    # Only ZeRO-3 partitions parameters, so only ZeRO-3 builds under zero.Init; ZeRO-0/1/2
+    # engines expect whole parameters (a partitioned one is an empty tensor to them).
+    with partitioned_build(config):
         model = family.create(recipe, stage.student.drop_path_rate, stage.student.drop_path_schedule)
         objectives = [build_objective(o, plan.models.tap_shapes) for o in stage.objectives]
     if plan.student_init is not None:
@@ -254,6 +297,10 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
     module = StudentModel(model, family, objectives)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, opt.weight_decay), config=config)
+    if zero_stage(config) == 0 and engine.dp_world_size == 1:
+        # One rank without ZeRO has nothing to all-reduce; DeepSpeed would still flatten
+        # every gradient into buckets, "reduce" them and copy them back, each step.
+        engine.enable_backward_allreduce = False
     module.attach_taps(plan.student_taps)
     return engine, dtype
 

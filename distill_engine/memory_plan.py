@@ -7,13 +7,14 @@ micro-batch.
 
 Per rank, for each stage:
 
-- teacher shard: the (pruned) teacher's parameters / N under ZeRO-3, plus the gathered
-  working set (the largest layer and the prefetch bucket);
+- teacher shard: the (pruned) teacher's parameters / N under ZeRO-3, plus what may be
+  gathered at once (``stage3_max_live_parameters``, which the runtime sizes from the largest
+  layer, and the layer that crosses it); a replicated teacher: all its parameters;
 - teacher activations: a no-grad forward frees as it goes, so about two layer outputs live
   at once, plus the taps that are kept for the loss;
 - objectives: each built objective says what it holds per sample (FD's fp32 copies of the
   teacher tokens, the relation objective's [h, N, N] maps, fewer with ``chunk_rows``);
-- student model states: DeepSpeed's own estimators
+- student model states (ZeRO-0: everything on every rank): DeepSpeed's own estimators
   (``estimate_zero3_model_states_mem_needs`` / ``estimate_zero2_model_states_mem_needs``,
   which count 16-bit mixed precision with Adam); an fp32 student, which those do not cover,
   is counted as 4 B parameters + 4 B gradients + 8 B Adam states per parameter, sharded as
@@ -100,6 +101,7 @@ class Settings:
     offload_optimizer: bool
     param_bytes: int                   # student parameters and activations: 2 (bf16) or 4
     teacher_bytes: int
+    teacher_sharded: bool = True       # ZeRO-3 teacher; False: replicated, a plain module
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,30 @@ class DeepSpeedKnobs:
     allgather_bucket: int
     student_prefetch: int
     teacher_prefetch: int
+    teacher_max_live: int = 10 ** 9    # stage3_max_live_parameters of the teacher
 
 
-def resolved_zero(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def resolved_zero(path: Path | None, overrides: dict[str, Any],
+                  defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``zero_optimization`` section as the engine will get it: computed defaults, the
+    file over them, the spec's overrides over both (``None``: no DeepSpeed config)."""
     import json
-    config = deep_merge(json.loads(Path(path).read_text()), overrides)
+    if path is None:
+        return {}
+    config = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+    config = deep_merge(deep_merge({"zero_optimization": defaults or {}}, config), overrides)
     return config.get("zero_optimization", {})
+
+
+def teacher_working_set(largest_layer: int) -> dict[str, int]:
+    """ZeRO-3 knobs for a frozen teacher, from its largest layer: at most two layers
+    gathered at once (the one running and the next, prefetched), nothing kept for reuse.
+    DeepSpeed's defaults (1e9 live parameters, 5e7 prefetch) are sized for training and
+    let a rank keep most of a teacher gathered from the second forward on, which undoes
+    the sharding."""
+    layer = max(int(largest_layer), 1)
+    return {"stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer,
+            "stage3_prefetch_bucket_size": layer}
 
 
 def dtype_bytes(choice: str, accelerator_bf16: bool) -> int:
@@ -244,6 +264,11 @@ def student_model_states(params: int, largest_layer: int, s: Settings) -> tuple[
     mixed precision, by our own byte count for fp32 (which they do not cover)."""
     n = s.world_size
     nodes, per_node = (n // 8, 8) if n > 8 and n % 8 == 0 else (1, n)
+    if s.zero_stage == 0:
+        # Plain data parallelism: everything on every rank. bf16 goes through DeepSpeed's
+        # BF16_Optimizer (bf16 parameters and gradients, fp32 master copy and gradients).
+        per_param = 16 + (4 if s.param_bytes == 2 else 0) - (8 if s.offload_optimizer else 0)
+        return per_param * params, f"ZeRO-0: {per_param} B/param on every rank"
     if s.param_bytes == 2:
         if s.zero_stage == 3:
             from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -256,10 +281,15 @@ def student_model_states(params: int, largest_layer: int, s: Settings) -> tuple[
             params, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=s.offload_optimizer)
         return device, "DeepSpeed estimate_zero2_model_states_mem_needs"
     # fp32: 4 B parameters, 4 B gradients, 8 B Adam moments; offload moves the moments off.
+    # ZeRO-1/2 also keep their own fp32 copy of the rank's partition (and its gradient),
+    # cloned even when the model is fp32 already; ZeRO-1 holds the whole gradient as well.
     optimizer = 0 if s.offload_optimizer else 8
     if s.zero_stage == 3:
         return 4 * largest_layer + (8 + optimizer) * params / n, "fp32: (4+4+8) B/param / N"
-    return 4 * params + (4 + optimizer) * params / n, "fp32: 4 B/param + (4+8) B/param / N"
+    if s.zero_stage == 1:
+        return (8 * params + (8 + optimizer) * params / n,
+                "fp32: (4+4) B/param + (4+4+8) B/param / N")
+    return 4 * params + (8 + optimizer) * params / n, "fp32: 4 B/param + (4+4+8) B/param / N"
 
 
 def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFacts | None,
@@ -267,12 +297,20 @@ def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFa
              objectives: tuple[float, str] = (0.0, "")) -> StageMemory:
     lines: list[Line] = []
     b = s.micro_batch
-    if teacher is not None:
+    if teacher is not None and s.teacher_sharded:
         shard = teacher.params * s.teacher_bytes / s.world_size
-        working = (teacher.largest_layer + min(knobs.teacher_prefetch, teacher.params)) * s.teacher_bytes
-        lines.append(Line("teacher shard", shard + working,
+        # Gathered at once: up to max_live parameters (prefetched ones included), and the
+        # layer that crosses that limit.
+        in_flight = min(knobs.teacher_max_live + teacher.largest_layer, teacher.params)
+        lines.append(Line("teacher shard", shard + in_flight * s.teacher_bytes,
                           f"{teacher.params / 1e6:,.0f} M params x {s.teacher_bytes} B / "
-                          f"{s.world_size} + gathered layer and prefetch bucket"))
+                          f"{s.world_size} + {in_flight / 1e6:,.1f} M gathered at once "
+                          f"(max live parameters + a layer)"))
+    elif teacher is not None:
+        lines.append(Line("teacher (replicated)", teacher.params * s.teacher_bytes,
+                          f"{teacher.params / 1e6:,.0f} M params x {s.teacher_bytes} B on "
+                          f"every rank, no ZeRO"))
+    if teacher is not None:
         taps = sum(_elements(shape) for shape in plan.models.tap_shapes.teacher.values())
         live = (2 * teacher.largest_leaf_output + taps) * b * s.teacher_bytes
         lines.append(Line("teacher activations", live, "no-grad forward: ~2 layer outputs live, "
@@ -296,7 +334,7 @@ def estimate(plan: StagePlan, s: Settings, student: ModelFacts, teacher: ModelFa
     # (denominator, its quotient) and clipping another; they come after the backward has
     # freed the activations, so only their excess over the activations raises the peak.
     temporaries = 0 if s.offload_optimizer else 3 * 4 * student.params / (
-        s.world_size if s.zero_stage >= 2 else 1)
+        s.world_size if s.zero_stage >= 1 else 1)
     lines.append(Line("optimizer step temporaries", max(0.0, temporaries - activations),
                       "3 fp32 copies of the rank's partition, beyond the freed activations"))
     grad_bytes = s.param_bytes
@@ -352,8 +390,16 @@ def advise(plan: StagePlan, memory: StageMemory, student: ModelFacts,
     return advice
 
 
-def plan_stage(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
-               accelerator_bf16: bool = True) -> StageMemory:
+@dataclass
+class StageFacts:
+    """What a plan of this stage needs from the meta-device models, traced once."""
+
+    student: ModelFacts                # objective heads included: they train with it
+    teacher: ModelFacts | None         # the pruned teacher
+    objectives: tuple[float, str]      # bytes per sample, and how they were counted
+
+
+def stage_facts(plan: StagePlan) -> StageFacts:
     stage = plan.spec
     with torch.device("meta"):
         student_model = plan.student.family.create(plan.student, stage.student.drop_path_rate)
@@ -362,32 +408,56 @@ def plan_stage(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
     if plan.teacher is not None:
         teacher_model = plan.models.tap_shapes.teacher_model  # already pruned to the deepest tap
         teacher = traced_facts(teacher_model, plan.teacher, plan.input_shape)
-    # Objective heads (the FD projection) train with the student.
     student = replace(student, params=student.params + plan.models.head_params)
-    objectives = objective_memory(plan)
-    zero_s = resolved_zero(stage.deepspeed.student_config, stage.deepspeed.student_overrides)
-    zero_t = resolved_zero(stage.deepspeed.teacher_config, stage.deepspeed.teacher_overrides)
+    return StageFacts(student, teacher, objective_memory(plan))
+
+
+def settings_for(plan: StagePlan, world_size: int, teacher, student,
+                 accelerator_bf16: bool = True) -> tuple[Settings, DeepSpeedKnobs]:
+    """Settings and buffer sizes for the given placements (``placement.Placement``)."""
+    stage = plan.spec
+    zero_s = resolved_zero(student.config, stage.deepspeed.student_overrides, student.defaults)
+    zero_t = (resolved_zero(teacher.config, stage.deepspeed.teacher_overrides, teacher.defaults)
+              if teacher is not None else {})
     knobs = DeepSpeedKnobs(
         reduce_bucket=int(zero_s.get("reduce_bucket_size", 5e8)),
         allgather_bucket=int(zero_s.get("allgather_bucket_size", 5e8)),
         student_prefetch=int(zero_s.get("stage3_prefetch_bucket_size", 5e7)),
-        teacher_prefetch=int(zero_t.get("stage3_prefetch_bucket_size", 5e7)))
+        teacher_prefetch=int(zero_t.get("stage3_prefetch_bucket_size", 5e7)),
+        teacher_max_live=int(zero_t.get("stage3_max_live_parameters", 1e9)))
     offload = zero_s.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     settings = Settings(
         world_size=world_size, micro_batch=stage.data.micro_batch_size,
         checkpointing=stage.student.grad_checkpointing, zero_stage=int(zero_s.get("stage", 0)),
         offload_optimizer=offload,
         param_bytes=dtype_bytes(stage.student.dtype, accelerator_bf16),
-        teacher_bytes=dtype_bytes(stage.teacher.dtype if stage.teacher else "auto", accelerator_bf16))
+        teacher_bytes=dtype_bytes(stage.teacher.dtype if stage.teacher else "auto", accelerator_bf16),
+        teacher_sharded=teacher is not None and teacher.sharded)
+    return settings, knobs
+
+
+def plan_stage(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
+               accelerator_bf16: bool = True) -> StageMemory:
+    """The memory per device of what will run: the placements ``placement.place`` chooses
+    (against ``gpu_memory`` when given), or those the spec names."""
+    from .placement import place
+    facts = stage_facts(plan)
+    placed = place(plan, world_size, gpu_memory, accelerator_bf16, facts)
+    settings, knobs = settings_for(plan, world_size, placed.teacher, placed.student,
+                                   accelerator_bf16)
+    student, teacher, objectives = facts.student, facts.teacher, facts.objectives
     budget = gpu_memory * USABLE_FRACTION if gpu_memory else None
     memory = estimate(plan, settings, student, teacher, knobs, budget, objectives)
+    for placement in (placed.teacher, placed.student):
+        if placement is not None:
+            memory.notes.append(placement.describe())
     other = estimate(plan, replace(settings, checkpointing=not settings.checkpointing),
                      student, teacher, knobs, budget, objectives)
     act = next(l for l in other.lines if l.what == "student activations")
     memory.notes.append(f"student activations {'without' if settings.checkpointing else 'with'} "
                         f"checkpointing would be {gib(act.bytes)} (total {gib(other.total)})")
-    if settings.zero_stage < 2:
-        memory.notes.append(f"ZeRO stage {settings.zero_stage} is counted as stage 2")
+    if settings.zero_stage == 1:
+        memory.notes.append("ZeRO stage 1 is counted as stage 2")
     if not memory.fits:
         memory.advice = advise(plan, memory, student, teacher, knobs, objectives)
     return memory

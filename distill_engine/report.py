@@ -7,6 +7,7 @@ from rich.table import Table
 
 from .evaluation import describe as describe_evaluation
 from .memory_plan import USABLE_FRACTION, StageMemory, gib
+from .placement import place
 from .plan import JobPlan
 
 
@@ -81,8 +82,11 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
         table.add_row("data", f"train {data.train}; eval {data.eval}; "
                       f"{data.views.geometry.size}px views {list(data.views.views)}")
         table.add_row("evaluation", describe_evaluation(stage))
-        table.add_row("deepspeed", f"teacher {stage.deepspeed.teacher_config}, "
-                      f"student {stage.deepspeed.student_config}")
+        placed = place(plan, plan.world_size)
+        for chosen in (placed.teacher, placed.student):
+            if chosen is not None:
+                config = f" ({chosen.config})" if chosen.config else ""
+                table.add_row(f"{chosen.role} placement", f"{chosen.name}{config}: {chosen.why}")
         console.print(table)
 
 

@@ -174,6 +174,8 @@ def check_files(stage: StageSpec, here: str, problems: Problems) -> None:
     """DeepSpeed configs and shard locations the runtime will read."""
     for key in ("teacher_config", "student_config"):
         path = getattr(stage.deepspeed, key)
+        if path == "auto":
+            continue
         if not path.is_file():
             problems.append((f"{here}.deepspeed.{key}", f"DeepSpeed config {path} does not exist"))
         else:

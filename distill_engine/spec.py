@@ -135,13 +135,28 @@ class OptimisationSpec(Strict):
 
 # ---------------------------------------------------------------------------- runtime
 
+AUTO_HELP = ("'auto' (the default): the cheapest placement whose memory plan fits the device "
+             "(see distill_engine/placement.py); or a DeepSpeed JSON file, which wins")
+
+
 class DeepSpeedSpec(Strict):
-    teacher_config: Path = Path("ds_configs/teacher_zero3_inference.json")
-    student_config: Path = Path("ds_configs/student_zero3.json")
+    teacher_config: Literal["auto"] | Path = Field("auto", description=AUTO_HELP)
+    student_config: Literal["auto"] | Path = Field("auto", description=AUTO_HELP)
+    device_memory: str | None = Field(
+        None, description="memory of one device (e.g. 80GB) that auto placement plans "
+                          "against; default: the device's own (CPU ranks: RAM / local ranks)")
     teacher_overrides: dict[str, Any] = Field(default_factory=dict)
     student_overrides: dict[str, Any] = Field(default_factory=dict)
     timeout_s: int = Field(600, ge=10, le=7 * 24 * 3600,
                            description="collective timeout: a dead rank ends the job")
+
+    @field_validator("device_memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .memory_plan import parse_bytes
+            parse_bytes(value)  # raises ValueError with an example
+        return value
 
 
 class CheckpointSpec(Strict):

@@ -29,6 +29,7 @@ from .evaluation import Evaluation
 from .export import class_names, make_readable, preprocessing, save_export
 from .families import first_tensor
 from .inputs import model_inputs, to_model
+from .placement import place
 from .plan import JobPlan, StagePlan
 from .plots import plot_losses, plot_summary
 from .progress import StageProgress
@@ -106,12 +107,18 @@ class StageTrainer:
 
     def build_engines(self, total_steps: int, warmup_steps: int) -> None:
         """The teacher and student engines, at step 0 (benchmarks call this without a stream)."""
+        self.placement = place(self.plan, self.world_size)
+        if self.rank == 0:
+            for chosen in (self.placement.teacher, self.placement.student):
+                if chosen is not None:
+                    log.info("%s: %s", self.spec.name, chosen.describe())
         self.teacher = self.teacher_dtype = None
         if self.plan.teacher is not None:
-            self.teacher, self.teacher_dtype = build_teacher(self.plan, self.job.spec.seed)
+            self.teacher, self.teacher_dtype = build_teacher(self.plan, self.job.spec.seed,
+                                                             self.placement.teacher)
             self.record_teacher_shards()
         self.student, self.student_dtype = build_student(self.plan, total_steps, warmup_steps,
-                                                         self.job.spec.seed)
+                                                         self.job.spec.seed, self.placement.student)
         self.step = 0
         self.skipped_steps = self.skipped_in_a_row = 0
 

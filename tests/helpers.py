@@ -30,6 +30,11 @@ DIGITS_TEACHER = {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 3, 
 DIGITS_STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
                   "num_classes": 10}
 
+# Tests written for the ZeRO-3 engines (a sharded teacher, a partitioned student) name them,
+# since the default placement, auto, would replicate such tiny models.
+ZERO3_CONFIGS = {"teacher_config": str(ROOT / "ds_configs" / "teacher_zero3_inference.json"),
+                 "student_config": str(ROOT / "ds_configs" / "student_zero3.json")}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

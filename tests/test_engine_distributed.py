@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import DIGITS_STUDENT, DIGITS_TEACHER, run_deepspeed, write_spec
+from helpers import DIGITS_STUDENT, DIGITS_TEACHER, ZERO3_CONFIGS, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -42,6 +42,7 @@ def fd_spec(tmp_path_factory, digits_shards) -> dict:
                                         "hflip": 0.5, "interpolation": "bilinear"}}},
         "optimisation": {"lr": 3e-3, "warmup_steps": 2, "steps": STEPS, "grad_clip": 3.0},
         "checkpointing": {"every_steps": 6, "keep": 2},
+        "deepspeed": ZERO3_CONFIGS,
         "logging": {"every_steps": 1},
         "eval": {"every_steps": 6},
         "stages": [{

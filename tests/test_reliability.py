@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import DIGITS_STUDENT, DIGITS_TEACHER, ROOT, env, run_deepspeed, write_spec
+from helpers import (DIGITS_STUDENT, DIGITS_TEACHER, ROOT, ZERO3_CONFIGS, env, run_deepspeed,
+                     write_spec)
 
 pytestmark = pytest.mark.distributed
 
@@ -75,7 +76,7 @@ def job(run_dir: Path, train: Path, teacher: Path) -> dict:
         "data": {"train": str(train), "micro_batch_size": 16, "num_workers": 1,
                  "views": {"geometry": {"size": 24}}},
         "optimisation": {"lr": 3e-3, "warmup_steps": 1, "steps": STEPS},
-        "deepspeed": {"timeout_s": TIMEOUT_S},
+        "deepspeed": {"timeout_s": TIMEOUT_S, **ZERO3_CONFIGS},
         "checkpointing": {"every_steps": 2, "keep": 2},
         "logging": {"every_steps": 1, "plot": False},
         "stages": [{

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import run_deepspeed, write_spec
+from helpers import ZERO3_CONFIGS, run_deepspeed, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -38,6 +38,7 @@ def chain_run(tmp_path_factory, digits_shards) -> Path:
                            "views": {"teacher": {}, "student": {"color_jitter": 0.4}}}},
         "optimisation": {"lr": 3e-3, "betas": [0.9, 0.95], "warmup_steps": 2, "steps": STEPS},
         "checkpointing": {"every_steps": STEPS},
+        "deepspeed": ZERO3_CONFIGS,
         "logging": {"every_steps": 1},
         "stages": [
             {"name": "vit_small",
