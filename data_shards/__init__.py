@@ -7,6 +7,7 @@ from .errors import DataError
 from .index import ShardIndex
 from .pack import pack
 from .stream import EvalStream, ShardStream
+from .text import TextConfig, load_tokenizer, tokenize
 from .views import GeometryConfig, ViewConfig, ViewsConfig
 
-__all__ = ["DataError", "EvalStream", "GeometryConfig", "ShardIndex", "ShardStream", "ViewConfig", "ViewsConfig", "pack"]
+__all__ = ["DataError", "EvalStream", "GeometryConfig", "ShardIndex", "ShardStream", "TextConfig", "ViewConfig", "ViewsConfig", "load_tokenizer", "pack", "tokenize"]

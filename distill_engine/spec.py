@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from data_shards import ViewsConfig
+from data_shards import TextConfig, ViewsConfig
 
 from .families import FAMILIES
 from .objectives import OBJECTIVES
@@ -89,6 +89,8 @@ class DataSpec(Strict):
     max_bad_samples: int = Field(100, ge=0)
     allow_pipe: bool = Field(False, description="permit 'pipe:' shard urls (runs a shell command)")
     views: ViewsConfig = Field(default_factory=ViewsConfig)
+    text: TextConfig | None = Field(
+        None, description="text shards: the tokenizer directory (or one per role) and max_length")
 
 
 # ---------------------------------------------------------------------------- optimisation

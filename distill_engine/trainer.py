@@ -67,7 +67,7 @@ class StageTrainer:
         self.stream = ShardStream(
             data.train, batch_size=data.micro_batch_size, rank=self.rank,
             world_size=self.world_size, num_workers=data.num_workers,
-            seed=self.job.spec.seed + data.seed, views=data.views,
+            seed=self.job.spec.seed + data.seed, views=data.views, text=data.text,
             samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
             allow_pipe=data.allow_pipe)
         # The plan counted the steps from the index; the stream is the authority on batches.
@@ -241,7 +241,7 @@ class StageTrainer:
         views = ViewsConfig(geometry=geometry,
                             views={"image": student_view.model_copy(update={"color_jitter": None})})
         stream = EvalStream(data.eval, batch_size=self.spec.eval.batch_size, rank=self.rank,
-                            world_size=self.world_size, views=views)
+                            world_size=self.world_size, views=views, text=data.text)
         self.student.eval()
         counts = torch.zeros(2, dtype=torch.float64)
         for batch in stream:
@@ -284,8 +284,10 @@ class StageTrainer:
         """Exports the student (safetensors that timm loads), the resolved spec and metrics."""
         plan = self.plan
         probe = self.probe()
-        save_export(self.student.module.model, plan.student, plan.export_dir,
-                    extra={"stage": self.spec.name})
+        extra = {"stage": self.spec.name}
+        if self.spec.data.text is not None:  # a text student's export carries its tokenizer
+            extra["tokenizer"] = self.spec.data.text.for_role("student")
+        save_export(self.student.module.model, plan.student, plan.export_dir, extra=extra)
         if self.rank == 0:
             from safetensors.torch import save_file
             save_file(probe, str(plan.export_dir / "probe.safetensors"))
