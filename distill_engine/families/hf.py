@@ -138,7 +138,8 @@ class HuggingFaceFamily(ModelFamily):
         """Checkpoints of the same backbone saved by another class: a ``BertModel`` file has
         no ``bert.`` prefix that ``BertFor*`` models have (and the other way round); keys of
         another head (``cls.``, ``classifier.``, a pooler) are dropped when the model has
-        none; tied copies (a masked-LM decoder that is the word embedding) count once."""
+        none; tied copies (a masked-LM decoder that is the word embedding) count once; buffers
+        the model does not save are dropped."""
         params = dict(model.state_dict(keep_vars=True))
         owner: dict[int, str] = {}  # a tensor's first name: the one named_parameters reports
         for name, value in params.items():
@@ -154,11 +155,14 @@ class HuggingFaceFamily(ModelFamily):
             elif file_prefixed and not model_prefixed:
                 state = {k[len(prefix) + 1:]: v for k, v in state.items()
                          if k.startswith(prefix + ".")}
+        # Buffers the model computes itself and does not save (position_ids), which older
+        # transformers versions saved.
+        unsaved = {name for name, _ in model.named_buffers()} - set(params)
         adapted = {}
         for key, value in state.items():
             if key in params and key not in wanted:
                 key = owner[id(params[key])]  # a tied alias: stored under the owner's name
-            elif key not in params and _is_other_head(key, prefix):
+            elif key not in params and (_is_other_head(key, prefix) or key in unsaved):
                 continue
             adapted.setdefault(key, value)
         return adapted
