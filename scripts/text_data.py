@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/well_read"))
     parser.add_argument("--labelled", type=int, default=1500, help="labelled training sentences")
-    parser.add_argument("--test", type=int, default=3000, help="held-out test sentences")
+    parser.add_argument("--test", type=int, default=2000, help="held-out test sentences")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
