@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 bash scripts/bootstrap.sh
-. .venv/bin/activate
-export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
+VENV=${VENV:-.venv}
+. "$VENV/bin/activate"
+export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's code, also in launched ranks
 DATA=data/well_read
 if [ ! -f "$DATA/test/index.json" ]; then
   python scripts/text_data.py --out "$DATA"

@@ -70,12 +70,27 @@ class HuggingFaceFamily(ModelFamily):
     def create(self, recipe: ModelRecipe, drop_path_rate: float | None = None,
                drop_path_schedule: str = "linear") -> nn.Module:
         import transformers
+        # Imported here, at the plan's meta-device build: importing them later, inside
+        # zero.Init (which patches tensor construction), fails in torch._dynamo's import.
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import initialize_weights_zero3
         task = recipe.kwargs.get("task", "base")
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}")
         # drop_path_rate is timm's notion; BERT-style models regularise by the dropout
         # probabilities in their config.
-        return getattr(transformers, TASKS[task]).from_config(build_config(recipe))
+        model_class = getattr(transformers, TASKS[task])
+        if not _inside_zero_init():
+            return model_class.from_config(build_config(recipe))
+        # Under the runtime's zero.Init each parameter is partitioned as it is created, and
+        # transformers' own initialisation (which indexes the embedding's padding row) would
+        # see empty shards: build without it, then initialise each module's gathered
+        # parameters, as transformers does when it opens zero.Init itself.
+        with no_init_weights():
+            model = model_class.from_config(build_config(recipe))
+        initialize_weights_zero3(model)
+        model.tie_weights()
+        return model
 
     def input_modality(self, model: nn.Module) -> str:
         return "text" if getattr(model, "main_input_name", "input_ids") == "input_ids" else "image"
@@ -187,6 +202,14 @@ class HuggingFaceFamily(ModelFamily):
         card = {"arch": recipe.arch, "kwargs": recipe.kwargs, "tokenizer": str(tokenizer), **extra}
         (out_dir / "model.json").write_text(json.dumps(card, indent=2, default=str))
         return out_dir / "model.safetensors"
+
+
+def _inside_zero_init() -> bool:
+    try:
+        from deepspeed.runtime.zero import partition_parameters
+    except ImportError:
+        return False
+    return partition_parameters.zero_init_context > 0
 
 
 def _is_other_head(key: str, prefix: str) -> bool:
