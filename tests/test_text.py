@@ -177,7 +177,7 @@ def test_backbone_and_masked_lm_checkpoints_initialise_a_classifier(tmp_path):
 
 # ---------------------------------------------------------------------------- --check
 
-def test_check_refuses_text_shards_for_an_image_model_and_images_for_a_text_model(
+def test_check_refuses_mismatched_modalities_and_untokenised_text(
         tmp_path, text_shards, digits_shards):
     tokenizer = text_shards / "tokenizer"
     common = {"objectives": [{"kind": "cross_entropy"}],
@@ -191,6 +191,10 @@ def test_check_refuses_text_shards_for_an_image_model_and_images_for_a_text_mode
             "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 50,
             "task": "sequence_classification", "num_labels": 10}},
             {"train": str(digits_shards / "train"), "micro_batch_size": 4}, "reads token ids"),
+        "text_without_tokenizer": ({"arch": "hf:bert", "kwargs": {
+            "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 50,
+            "task": "sequence_classification", "num_labels": 3}},
+            {"train": str(text_shards / "train"), "micro_batch_size": 4}, "data.text.tokenizer"),
     }
     for name, (student, data, says) in cases.items():
         spec = write_spec(tmp_path / f"{name}.yaml", {
@@ -198,7 +202,8 @@ def test_check_refuses_text_shards_for_an_image_model_and_images_for_a_text_mode
             "stages": [{"name": "s", "student": student, "data": data, **common}]})
         code, out, err = check_in_process(spec)
         assert code == 2, out
-        assert "modality" in err and says in err and "Traceback" not in err, err
+        assert says in err and "Traceback" not in err, err
+        assert "modality" in err or name == "text_without_tokenizer", err
 
 
 def test_check_reports_the_tokenizer_vocabulary_and_sequence_length(tmp_path, text_shards):
