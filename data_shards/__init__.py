@@ -8,7 +8,8 @@ import importlib
 
 _WHERE = {"DataError": "errors", "ShardIndex": "index", "pack": "pack", "EvalStream": "stream",
           "ShardStream": "stream", "GeometryConfig": "views", "ViewConfig": "views",
-          "ViewsConfig": "views"}
+          "ViewsConfig": "views", "TextConfig": "text", "load_tokenizer": "text",
+          "tokenize": "text"}
 
 __all__ = sorted(_WHERE)
 

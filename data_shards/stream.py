@@ -32,6 +32,7 @@ from .errors import DataError
 from .index import ShardIndex
 from .keys import derive_seed
 from .safety import ShardError, check_url_allowed, read_shard
+from .text import TextConfig, load_tokenizer, tokenize
 from .views import GeometryConfig, ViewsConfig, make_views
 
 log = logging.getLogger("data_shards")
@@ -59,7 +60,7 @@ def resolve_urls(urls: str | os.PathLike | Sequence[str], allow_pipe: bool) -> t
     return shard_urls, index
 
 
-def _collate(samples: list[Decoded], views: dict[str, list[torch.Tensor]] | None, with_labels: bool) -> dict:
+def _collate(samples: list[Decoded], views: dict[str, list[torch.Tensor]] | None, with_labels: bool, text: TextConfig | None = None) -> dict:
     batch: dict = {"key": [sample.key for sample in samples]}
     if with_labels:
         batch["label"] = torch.tensor([sample.label for sample in samples], dtype=torch.long)
@@ -68,6 +69,8 @@ def _collate(samples: list[Decoded], views: dict[str, list[torch.Tensor]] | None
         batch.update({name: default_collate(tensors) for name, tensors in views.items()})
     else:
         batch["text"] = [sample.text for sample in samples]
+        if text is not None:  # tokenised here, in the worker that read the samples
+            batch.update(tokenize(batch["text"], text))
     return batch
 
 
@@ -80,6 +83,7 @@ class _Plan:
     modality: str | None
     labelled: bool | None
     views: ViewsConfig
+    text: TextConfig | None
     batch_size: int
     rank: int
     seed: int
@@ -144,7 +148,7 @@ def _slot_batches(plan: _Plan, epoch: int, slot: int, first_batch: int, skip: in
                     yield {"__error__": f"rank {plan.rank}: more than max_bad_samples={plan.max_bad_samples} bad samples; the last was {last_bad}"}
                     return
         with_labels = plan.labelled if plan.labelled is not None else all(s.label is not None for s in samples)
-        batch = _collate(samples, views, with_labels)
+        batch = _collate(samples, views, with_labels, plan.text)
         batch.update(_slot=slot, _batch=batch_number, _position=position, _bad=bad, _last_bad=last_bad)
         yield batch
 
@@ -182,6 +186,7 @@ class ShardStream:
         num_workers: int = 2,
         seed: int = 0,
         views: ViewsConfig | None = None,
+        text: TextConfig | None = None,
         samples_per_epoch: int | None = None,
         max_bad_samples: int = 100,
         allow_pipe: bool = False,
@@ -206,12 +211,14 @@ class ShardStream:
         self.samples_per_epoch = samples_per_epoch
         self.batches_per_epoch = math.ceil(samples_per_epoch / (batch_size * world_size))
         self.max_bad_samples = max_bad_samples
+        for directory in (text.entries().values() if text is not None else ()):
+            load_tokenizer(directory)  # fails here, not in a worker; forked workers inherit it
         self._plan = _Plan(
             urls=self.urls,
             weights=[count for _, count in self.index.shards] if self.index else None,
             modality=self.index.modality if self.index else None,
             labelled=self.index.labelled if self.index else None,
-            views=views or ViewsConfig(),
+            views=views or ViewsConfig(), text=text,
             batch_size=batch_size, rank=rank, seed=seed, batches_per_epoch=self.batches_per_epoch,
             num_slots=max(1, num_workers), shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples, allow_pipe=allow_pipe,
             num_classes=num_classes, max_image_pixels=max_image_pixels,
@@ -316,6 +323,7 @@ class EvalStream:
         rank: int,
         world_size: int,
         views: ViewsConfig | None = None,
+        text: TextConfig | None = None,
         allow_pipe: bool = False,
         num_classes: int | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
@@ -325,6 +333,7 @@ class EvalStream:
         _check_rank(batch_size, rank, world_size)
         self.num_classes, self.max_image_pixels = num_classes, max_image_pixels
         self.urls, self.index = resolve_urls(urls, allow_pipe)
+        self.text = text
         if self.index is None:
             raise DataError(f"EvalStream needs a shard index (a directory with index.json or its path), not {urls!r}: it must know every shard's sample count to give each rank an exact share.")
         self.batch_size, self.rank, self.allow_pipe = batch_size, rank, allow_pipe
@@ -381,6 +390,8 @@ class EvalStream:
                 batch["label"] = torch.tensor([s.label if s else -1 for s in chunk], dtype=torch.long)
             if self.index.modality == "text":
                 batch["text"] = [s.text if s else "" for s in chunk]
+                if self.text is not None:  # padding samples are empty texts, marked not valid
+                    batch.update(tokenize(batch["text"], self.text))
             else:
                 per_sample = [
                     make_views(s.image, self.views, derive_seed("eval", s.key)) if s else

@@ -141,6 +141,7 @@ def build_teacher(plan: StagePlan, job_seed: int, placement: Placement):
                        bf16={"enabled": dtype == torch.bfloat16})
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = recipe.family.create(recipe)
+    state = recipe.family.adapt_state_keys(model, state)
     removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
     if removed:
         log.info("teacher pruned after its deepest tap: removed %s", _short(removed))
@@ -278,7 +279,7 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
         model = family.create(recipe, stage.student.drop_path_rate, stage.student.drop_path_schedule)
         objectives = [build_objective(o, plan.models.tap_shapes) for o in stage.objectives]
     if plan.student_init is not None:
-        state = weights.read_state_dict(plan.student_init)
+        state = family.adapt_state_keys(model, weights.read_state_dict(plan.student_init))
         fresh = weights.fresh_head_keys(weights.expected_shapes(model),
                                         {k: tuple(v.shape) for k, v in state.items()},
                                         family.classifier_prefixes(model))

@@ -114,7 +114,8 @@ class Evaluation:
                           world_size=self.world_size, views=self.views,
                           allow_pipe=self.stage.data.allow_pipe,
                           max_image_pixels=self.stage.data.max_image_pixels,
-                          num_classes=None if self.knn else self.num_classes)
+                          num_classes=None if self.knn else self.num_classes,
+                          text=self.stage.data.text)
 
     def _inputs(self, batch: dict[str, Any]) -> Any:
         return to_model(model_inputs(batch, "student"), self.device, self.dtype)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import tracing, weights
-from .families import InputShape, ModelRecipe, arch_problem
+from .families import InputShape, ModelFamily, ModelRecipe, arch_problem
 from .objectives import ObjectiveError, TapShapes, build_objective
 from .resolve import Problems, StageRefs
 from .size_limits import kwargs_problems, params_problem
@@ -88,7 +88,8 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
     if "student" in built and refs.student_init is not None and refs.student_init.is_file():
         model = built["student"][0]
         check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
-                           head=refs.student.family.classifier_prefixes(model))
+                           head=refs.student.family.classifier_prefixes(model),
+                           family=refs.student.family)
     if "student" not in built or (refs.teacher is not None and "teacher" not in built):
         return None
 
@@ -99,7 +100,8 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             student={t: student_trace.shapes.get(t, ()) for t in refs.student_taps},
             teacher={t: teacher_trace.shapes.get(t, ()) for t in refs.teacher_taps}
             if teacher_trace else {},
-            student_model=student_model, teacher_model=teacher_model),
+            student_model=student_model, teacher_model=teacher_model,
+            student_tokenizer=stage.data.text.for_role("student") if stage.data.text else None),
         student_params=_count(student_model), head_params=0,
         student_output=student_trace.shapes.get(tracing.OUTPUT, ()))
     if stage.student.freeze_unused:
@@ -143,17 +145,21 @@ def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problem
         model = build_meta(recipe, stage, "teacher")
     except Exception:  # bad kwargs: check_models has reported them already
         return
-    check_weights_file(model, recipe.weights, f"stages[{index}].teacher.weights", problems)
+    check_weights_file(model, recipe.weights, f"stages[{index}].teacher.weights", problems,
+                       family=recipe.family)
 
 
 def check_weights_file(model: nn.Module, path: Path, where: str, problems: Problems,
-                       head: tuple[str, ...] = ()) -> None:
+                       head: tuple[str, ...] = (), family: ModelFamily | None = None) -> None:
     """Compares key names and shapes from the file header, without reading tensors.
-    ``head``: classifier prefixes that may start fresh (initialising a student)."""
+    ``head``: classifier prefixes that may start fresh (initialising a student);
+    ``family``: renames the file's keys as the runtime will (``adapt_state_keys``)."""
     shapes = weights.weight_shapes(path)
     if isinstance(shapes, str):
         problems.append((where, shapes))
         return
+    if family is not None:
+        shapes = family.adapt_state_keys(model, shapes)
     want = weights.expected_shapes(model)
     problem = weights.shape_problems(want, shapes, path,
                                      fresh=weights.fresh_head_keys(want, shapes, head))

@@ -22,6 +22,7 @@ from .resolve import (StageRefs, StepCount, check_batch, check_batch_against_dat
 from .problem_paths import where_written
 from .spec import STAGE_DEFAULTS, JobHeader, JobSpec, StageSpec, with_stage_defaults
 from .spec_io import SpecError, apply_overrides, pydantic_problems, read_yaml
+from .text_checks import check_inputs
 
 __all__ = ["JobPlan", "SpecError", "StagePlan", "load_plan"]
 
@@ -89,8 +90,11 @@ class JobPlan:
 
 
 def input_shape(stage: StageSpec) -> InputShape:
-    """What the models are traced on: the image side of the views."""
-    return InputShape(image_size=stage.data.views.geometry.size)
+    """What the models are traced on: the image side of the views, or the longest token
+    sequence (memory is planned for full-length batches)."""
+    text = stage.data.text
+    return InputShape(image_size=stage.data.views.geometry.size,
+                      **({"seq_len": text.max_length} if text is not None else {}))
 
 
 def _is_missing_input(problem: tuple[str, str]) -> bool:
@@ -141,6 +145,11 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
         if models is not None:
             check_labels(stage, here, models, problems)
         check_teacher_weights(i, stage, refs, problems)
+        if models is not None:
+            check_inputs(i, stage, {role: (recipe, model) for role, recipe, model in (
+                ("student", refs.student, models.tap_shapes.student_model),
+                ("teacher", refs.teacher, models.tap_shapes.teacher_model)) if model is not None},
+                problems)
         if models is not None:
             plans.append(StagePlan(i, stage, refs, world_size, shape, models,
                                    count_steps(stage, world_size)))

@@ -9,6 +9,7 @@ from .evaluation import describe as describe_evaluation
 from .memory_plan import USABLE_FRACTION, StageMemory, gib
 from .placement import place
 from .plan import JobPlan
+from .text_checks import describe_text
 
 
 def compact(names: list[str]) -> str:
@@ -79,8 +80,10 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
         table.add_row("optimisation", f"{opt.optimizer}, lr {plan.lr:.3g} ({opt.schedule}, "
                       f"{warmup} warm-up), {budget}, wd {opt.weight_decay}, "
                       f"clip {opt.grad_clip}")
-        table.add_row("data", f"train {data.train}; eval {data.eval}; "
-                      f"{data.views.geometry.size}px views {list(data.views.views)}")
+        text = describe_text(stage)
+        table.add_row("data", f"train {data.train}; eval {data.eval}; " + (
+            f"text, tokenizers {text}" if text else
+            f"{data.views.geometry.size}px views {list(data.views.views)}"))
         table.add_row("evaluation", describe_evaluation(stage))
         placed = place(plan, plan.world_size)
         for chosen in (placed.teacher, placed.student):

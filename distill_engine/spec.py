@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from data_shards import ViewsConfig
+from data_shards import TextConfig, ViewsConfig
 from data_shards.decode import MAX_IMAGE_PIXELS
 
 from .families import FAMILIES
@@ -93,6 +93,8 @@ class DataSpec(Strict):
         MAX_IMAGE_PIXELS, ge=1, le=2 * 89_478_485,  # above that, PIL refuses to open an image
         description="larger images are bad samples, refused before they are decoded")
     views: ViewsConfig = Field(default_factory=ViewsConfig)
+    text: TextConfig | None = Field(
+        None, description="text shards: the tokenizer directory (or one per role) and max_length")
 
 
 # ---------------------------------------------------------------------------- optimisation

@@ -72,7 +72,7 @@ class StageTrainer:
         self.stream = ShardStream(
             data.train, batch_size=data.micro_batch_size, rank=self.rank,
             world_size=self.world_size, num_workers=data.num_workers,
-            seed=self.job.spec.seed + data.seed, views=data.views,
+            seed=self.job.spec.seed + data.seed, views=data.views, text=data.text,
             samples_per_epoch=data.samples_per_epoch, max_bad_samples=data.max_bad_samples,
             allow_pipe=data.allow_pipe, max_image_pixels=data.max_image_pixels,
             # A label the loss cannot take is a bad sample (naming shard and key), not a crash.
@@ -301,10 +301,12 @@ class StageTrainer:
         of the features)."""
         plan = self.plan
         probe = self.probe()
-        save_export(self.student.module.model, plan.student, plan.export_dir,
-                    extra={"stage": self.spec.name, "spec": fingerprint.of_stage(plan),
-                           "data_config": preprocessing(self.spec.data),
-                           "label_names": class_names(self.spec.data)})
+        extra = {"stage": self.spec.name, "spec": fingerprint.of_stage(plan),
+                 "data_config": preprocessing(self.spec.data),
+                 "label_names": class_names(self.spec.data)}
+        if self.spec.data.text is not None:  # a text student's export carries its tokenizer
+            extra["tokenizer"] = self.spec.data.text.for_role("student")
+        save_export(self.student.module.model, plan.student, plan.export_dir, extra=extra)
         if self.rank == 0:
             from safetensors.torch import save_file
             save_file(probe, str(plan.export_dir / "probe.safetensors"))

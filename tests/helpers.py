@@ -219,3 +219,50 @@ def pack_digits(out: Path, *options: str) -> Path:
     subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
                     str(out), *options], check=True, capture_output=True, cwd=ROOT, env=env())
     return out
+
+
+# ---------------------------------------------------------------------------- text
+
+TEXT_WORDS = {
+    0: ["awful", "boring", "dull", "bad", "worst", "sad", "poor", "weak"],
+    1: ["table", "chair", "report", "monday", "paper", "window", "street", "number"],
+    2: ["great", "lovely", "superb", "good", "best", "happy", "fine", "brilliant"],
+}
+FILLER = ["the", "a", "film", "was", "it", "is", "this", "and", "very", "so", "of", "plot"]
+
+
+def tiny_text_jsonl(path: Path, count: int, seed: int, labelled: bool = True) -> Path:
+    """Short sentences whose class (0 negative, 1 neutral, 2 positive) follows from the
+    words they contain: a task a two-layer BERT learns in a few dozen steps."""
+    import json
+    import random
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for _ in range(count):
+            label = rng.randrange(3)
+            words = rng.choices(FILLER, k=rng.randint(3, 9)) + rng.choices(TEXT_WORDS[label], k=2)
+            rng.shuffle(words)
+            record = {"text": " ".join(words)}
+            if labelled:
+                record["label"] = ["negative", "neutral", "positive"][label]
+            out.write(json.dumps(record) + "\n")
+    return path
+
+
+def tiny_tokenizer(directory: Path, extra_words: list[str] = ()) -> Path:
+    """A BERT-style fast tokenizer ([CLS] text [SEP], [PAD] 0, [MASK]) over the tiny text's
+    words, saved with save_pretrained: what a tokenizer directory in a spec holds."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted({w for ws in TEXT_WORDS.values() for w in ws} | set(FILLER) | set(extra_words))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                            cls_token="[CLS]", sep_token="[SEP]",
+                            mask_token="[MASK]").save_pretrained(directory)
+    return directory

@@ -11,7 +11,7 @@ import torch
 from distill_engine.families import FAMILIES, InputShape, ModelRecipe
 from distill_engine.objectives import OBJECTIVES, TapShapes, build_objective
 from distill_engine.taps import OUTPUT, Taps
-from helpers import TINY_VIT, TINY_VIT_ARCH
+from helpers import TINY_VIT, TINY_VIT_ARCH, tiny_tokenizer
 
 
 def bert_dir(tmp_path_factory, width: int, heads: int, task: str) -> ModelRecipe:
@@ -39,7 +39,17 @@ EXAMPLES = {
         "timm": {"kind": "cross_entropy"},
         "hf": {"kind": "cross_entropy"},
     },
+    "soft_label": {
+        "timm": {"kind": "soft_label", "temperature": 2.0},
+        "hf": {"kind": "soft_label", "hard_weight": 0.5},
+    },
+    "mlm": {
+        "hf": {"kind": "mlm"},
+    },
 }
+# The Hugging Face head each kind reads.
+HF_TASKS = {"cross_entropy": "sequence_classification", "soft_label": "sequence_classification",
+            "mlm": "masked_lm"}
 
 
 def test_every_registered_objective_has_an_example_here():
@@ -72,7 +82,7 @@ def test_objective_gives_a_finite_loss_and_gradients_only_where_they_belong(kind
     if example is None:
         pytest.skip(f"{kind} does not apply to {family} models")
     config = OBJECTIVES[kind].Config.model_validate(example)
-    task = "sequence_classification" if kind == "cross_entropy" else "base"
+    task = HF_TASKS.get(kind, "base")
     student_recipe, teacher_recipe = models_for(family, tmp_path_factory, task)
     torch.manual_seed(0)
     student = student_recipe.family.create(student_recipe)
@@ -85,7 +95,8 @@ def test_objective_gives_a_finite_loss_and_gradients_only_where_they_belong(kind
     student_taps = run(student_recipe, student, config.student_taps(), inputs)
     shapes = TapShapes(student={t: tuple(student_taps[t].shape) for t in config.student_taps()},
                        teacher={t: tuple(teacher_taps[t].shape) for t in config.teacher_taps()},
-                       student_model=student, teacher_model=teacher)
+                       student_model=student, teacher_model=teacher,
+                       student_tokenizer=tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
     objective = build_objective(config, shapes)
     batch = objective.prepare(batch, torch.Generator().manual_seed(2))
 

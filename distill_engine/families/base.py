@@ -86,6 +86,11 @@ class ModelFamily:
         inputs for a probe of a real model."""
         raise NotImplementedError
 
+    def input_modality(self, model: nn.Module) -> str:
+        """What the model reads: "image" (pixels) or "text" (token ids); checked against the
+        shards' modality before launch."""
+        return "image"
+
     # -- calling
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         """Calls the model on what ``inputs.model_inputs`` chose for it."""
@@ -116,6 +121,12 @@ class ModelFamily:
         """Parameter-name prefixes of the classifier, which may start fresh when a student
         is initialised from a model with another number of classes."""
         return ()
+
+    def adapt_state_keys(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        """A weights file's keys (to tensors or shapes) renamed to the model's, for files
+        saved by a related model (a backbone without the task model's prefix). By default
+        unchanged."""
+        return state
 
     # -- export
     def write_export(self, state: dict[str, torch.Tensor], recipe: ModelRecipe, model: nn.Module,

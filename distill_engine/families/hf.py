@@ -1,45 +1,99 @@
-"""Hugging Face transformers models: ``hf:DIR``, a local directory with ``config.json``
-(weights, if any, are loaded by the runtime, never fetched from a hub). ``kwargs`` override
-config values; ``task`` picks the head (``base``, ``masked_lm``, ``sequence_classification``)."""
+"""Hugging Face transformers models, never fetched from a hub:
+
+- ``hf:DIR``: a local directory with ``config.json`` (weights, if any, are loaded by the
+  runtime); ``kwargs`` override config values;
+- ``hf:MODEL_TYPE`` (``hf:bert``): an architecture declared by its config values in the spec.
+  For BERT-like configs, ``num_attention_heads`` defaults to ``hidden_size / 64`` and
+  ``intermediate_size`` to ``4 * hidden_size`` (the shapes of "Well-Read Students Learn
+  Better"), so that a miniature is one line: ``{num_hidden_layers: 4, hidden_size: 256}``.
+
+``kwargs.task`` picks the head: ``base``, ``masked_lm`` or ``sequence_classification``
+(with ``num_labels``). A directory of that name wins over a model type.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import InputShape, ModelFamily, ModelRecipe, register_family
+from .base import InputShape, ModelFamily, ModelRecipe, did_you_mean, register_family
 
 TASKS = {
     "base": "AutoModel",
     "masked_lm": "AutoModelForMaskedLM",
     "sequence_classification": "AutoModelForSequenceClassification",
 }
+# Keys a checkpoint of the same backbone may carry for another head: a BertModel's pooler in
+# a masked-LM model, a masked-LM head in a classifier. Dropped when the model has no such key.
+OTHER_HEADS = ("pooler.", "cls.", "classifier.")
+
+
+def _is_directory(name: str) -> bool:
+    return (Path(name) / "config.json").is_file()
+
+
+def _model_types() -> list[str]:
+    from transformers import CONFIG_MAPPING
+    return list(CONFIG_MAPPING.keys())
+
+
+def build_config(recipe: ModelRecipe):
+    """The transformers config of a recipe: the directory's, or the declared model type's,
+    with the recipe's kwargs (``task`` aside) over it."""
+    import transformers
+    values = {k: v for k, v in recipe.kwargs.items() if k != "task"}
+    if _is_directory(recipe.name):
+        config = transformers.AutoConfig.from_pretrained(recipe.name, local_files_only=True)
+        for key, value in values.items():
+            setattr(config, key, value)
+        return config
+    width = values.get("hidden_size")
+    if width is not None:
+        values.setdefault("num_attention_heads", max(1, width // 64))
+        values.setdefault("intermediate_size", 4 * width)
+    return transformers.AutoConfig.for_model(recipe.name, **values)
 
 
 @register_family("hf")
 class HuggingFaceFamily(ModelFamily):
 
     def architecture_problem(self, name: str) -> str | None:
-        if (Path(name) / "config.json").is_file():
+        if _is_directory(name) or name in _model_types():
             return None
-        return f"{name} is not a Hugging Face model directory (no config.json)"
+        return (f"{name} is neither a Hugging Face model directory (no config.json there) nor a "
+                f"transformers model type such as 'bert'" + did_you_mean(name, _model_types(), "type"))
 
     def create(self, recipe: ModelRecipe, drop_path_rate: float | None = None,
                drop_path_schedule: str = "linear") -> nn.Module:
         import transformers
-        kwargs = dict(recipe.kwargs)
-        task = kwargs.pop("task", "base")
+        # Imported here, at the plan's meta-device build: importing them later, inside
+        # zero.Init (which patches tensor construction), fails in torch._dynamo's import.
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import initialize_weights_zero3
+        task = recipe.kwargs.get("task", "base")
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}")
-        config = transformers.AutoConfig.from_pretrained(recipe.name, local_files_only=True)
-        for key, value in kwargs.items():
-            setattr(config, key, value)
         # drop_path_rate is timm's notion; BERT-style models regularise by the dropout
         # probabilities in their config.
-        return getattr(transformers, TASKS[task]).from_config(config)
+        model_class = getattr(transformers, TASKS[task])
+        if not _inside_zero_init():
+            return model_class.from_config(build_config(recipe))
+        # Under the runtime's zero.Init each parameter is partitioned as it is created, and
+        # transformers' own initialisation (which indexes the embedding's padding row) would
+        # see empty shards: build without it, then initialise each module's gathered
+        # parameters, as transformers does when it opens zero.Init itself.
+        with no_init_weights():
+            model = model_class.from_config(build_config(recipe))
+        initialize_weights_zero3(model)
+        model.tie_weights()
+        return model
+
+    def input_modality(self, model: nn.Module) -> str:
+        return "text" if getattr(model, "main_input_name", "input_ids") == "input_ids" else "image"
 
     def example_input(self, model: nn.Module, shape: InputShape, batch: int = 1,
                       device: str | torch.device = "meta",
@@ -49,13 +103,16 @@ class HuggingFaceFamily(ModelFamily):
             size = (batch, getattr(config, "num_channels", 3), shape.image_size, shape.image_size)
             pixels = torch.zeros(size) if generator is None else torch.randn(size, generator=generator)
             return {"pixel_values": pixels.to(device)}
+        # A sequence past the position embeddings is refused by --check with its own
+        # message (text_checks); the trace stays within them so that it can say so.
+        length = min(shape.seq_len, getattr(config, "max_position_embeddings", shape.seq_len))
         if generator is None:
             # No attention mask for tracing: transformers inspects a mask's values, which
             # meta tensors do not have (no mask means every token is attended).
-            return {"input_ids": torch.zeros(batch, shape.seq_len, dtype=torch.long, device=device)}
-        ids = torch.randint(0, config.vocab_size, (batch, shape.seq_len), generator=generator)
+            return {"input_ids": torch.zeros(batch, length, dtype=torch.long, device=device)}
+        ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
         return {"input_ids": ids.to(device),
-                "attention_mask": torch.ones(batch, shape.seq_len, dtype=torch.long, device=device)}
+                "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         if isinstance(inputs, dict):
@@ -83,4 +140,85 @@ class HuggingFaceFamily(ModelFamily):
             model.gradient_checkpointing_disable()
 
     def classifier_prefixes(self, model: nn.Module) -> tuple[str, ...]:
-        return ("classifier.",) if isinstance(getattr(model, "classifier", None), nn.Module) else ()
+        """The task heads, which start fresh when the file holds another head (a backbone
+        or a masked-LM model initialising a classifier, like ``from_pretrained``)."""
+        prefix = getattr(model, "base_model_prefix", "")
+        heads = [name for name in ("classifier", "cls") if isinstance(getattr(model, name, None), nn.Module)]
+        backbone = getattr(model, prefix, None) if prefix else None
+        if heads and isinstance(getattr(backbone, "pooler", None), nn.Module):
+            heads.append(f"{prefix}.pooler")  # a masked-LM checkpoint has no pooler
+        return tuple(f"{h}." for h in heads)
+
+    def adapt_state_keys(self, model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoints of the same backbone saved by another class: a ``BertModel`` file has
+        no ``bert.`` prefix that ``BertFor*`` models have (and the other way round); keys of
+        another head (``cls.``, ``classifier.``, a pooler) are dropped when the model has
+        none; tied copies (a masked-LM decoder that is the word embedding) count once; buffers
+        the model does not save are dropped."""
+        params = dict(model.state_dict(keep_vars=True))
+        owner: dict[int, str] = {}  # a tensor's first name: the one named_parameters reports
+        for name, value in params.items():
+            owner.setdefault(id(value), name)
+        wanted = set(owner.values())
+        prefix = getattr(model, "base_model_prefix", "")
+        if prefix:
+            model_prefixed = any(k.startswith(prefix + ".") for k in wanted)
+            file_prefixed = any(k.startswith(prefix + ".") for k in state)
+            if model_prefixed and not file_prefixed:
+                state = {(k if k.startswith(OTHER_HEADS[1:]) else f"{prefix}.{k}"): v
+                         for k, v in state.items()}
+            elif file_prefixed and not model_prefixed:
+                state = {k[len(prefix) + 1:]: v for k, v in state.items()
+                         if k.startswith(prefix + ".")}
+        # Buffers the model computes itself and does not save (position_ids), which older
+        # transformers versions saved.
+        unsaved = {name for name, _ in model.named_buffers()} - set(params)
+        adapted = {}
+        for key, value in state.items():
+            if key in params and key not in wanted:
+                key = owner[id(params[key])]  # a tied alias: stored under the owner's name
+            elif key not in params and (_is_other_head(key, prefix) or key in unsaved):
+                continue
+            adapted.setdefault(key, value)
+        return adapted
+
+    def write_export(self, state: dict[str, torch.Tensor], recipe: ModelRecipe, model: nn.Module,
+                     out_dir: Path, extra: dict[str, Any]) -> Path:
+        """A ``save_pretrained`` directory: config, ``model.safetensors`` and (when the stage
+        read text) the student's tokenizer, so that ``AutoModelFor...from_pretrained(DIR)``
+        loads it in one line; ``model.json`` records the recipe."""
+        export = self.create(recipe)  # on the CPU, outside ZeRO: rank 0 only
+        missing, unexpected = export.load_state_dict(self.adapt_state_keys(export, state),
+                                                     strict=False)
+        tied = {k for k in missing if k in _aliases(export)}
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"export of {recipe.arch}: missing {sorted(set(missing) - tied)}, "
+                               f"unexpected {sorted(unexpected)}")
+        export.save_pretrained(out_dir)
+        tokenizer = extra.pop("tokenizer", None)
+        if tokenizer is not None:
+            from data_shards import load_tokenizer
+            load_tokenizer(tokenizer).save_pretrained(out_dir)
+        card = {"arch": recipe.arch, "kwargs": recipe.kwargs, "tokenizer": str(tokenizer), **extra}
+        (out_dir / "model.json").write_text(json.dumps(card, indent=2, default=str))
+        return out_dir / "model.safetensors"
+
+
+def _inside_zero_init() -> bool:
+    try:
+        from deepspeed.runtime.zero import partition_parameters
+    except ImportError:
+        return False
+    return partition_parameters.zero_init_context > 0
+
+
+def _is_other_head(key: str, prefix: str) -> bool:
+    return key.startswith(OTHER_HEADS) or (bool(prefix) and key.startswith(f"{prefix}.pooler."))
+
+
+def _aliases(model: nn.Module) -> set[str]:
+    """State-dict names of tensors that another name already holds (tied weights)."""
+    seen, aliases = set(), set()
+    for name, value in model.state_dict(keep_vars=True).items():
+        (aliases.add(name) if id(value) in seen else seen.add(id(value)))
+    return aliases

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -62,6 +63,8 @@ class TapShapes:
     teacher: dict[str, tuple[int, ...]] = field(default_factory=dict)
     student_model: nn.Module | None = None
     teacher_model: nn.Module | None = None
+    # The student's tokenizer directory (text stages): its mask and special tokens.
+    student_tokenizer: Path | None = None
 
 
 class ObjectiveError(ValueError):

@@ -1,0 +1,102 @@
+"""Masked-language-model pre-training (BERT's recipe, as the compact students of "Well-Read
+Students Learn Better" are pre-trained): corrupt 15 % of the tokens, predict the originals."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..inputs import model_inputs
+from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+
+IGNORE = -100  # the label of a position that is not predicted (cross_entropy's ignore_index)
+LABELS = "mlm_labels"  # where prepare leaves the labels in the batch
+
+
+def mlm_mask(input_ids: torch.Tensor, special_tokens_mask: torch.Tensor, mask_token_id: int,
+             vocab_size: int, generator: torch.Generator,
+             probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: returns ``(corrupted ids, labels)``.
+
+    Each position is chosen with ``probability``, never where ``special_tokens_mask`` is true
+    (special tokens and padding). ``labels`` holds the original id where a position was chosen
+    and -100 elsewhere. Of the chosen positions, 80 % become ``mask_token_id``, 10 % a token
+    drawn uniformly from ``[0, vocab_size)``, and 10 % stay unchanged. Every draw comes from
+    ``generator``, so the same generator state gives the same corruption.
+    """
+    device = input_ids.device
+
+    def uniform() -> torch.Tensor:
+        return torch.rand(input_ids.shape, generator=generator, device=device)
+
+    chosen = (uniform() < probability) & ~special_tokens_mask.bool()
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    kind = uniform()  # one draw per position decides mask (< 0.8), random (< 0.9) or keep
+    random_ids = torch.randint(0, vocab_size, input_ids.shape, generator=generator, device=device,
+                               dtype=input_ids.dtype)
+    corrupted = torch.where(chosen & (kind < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    corrupted = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, corrupted)
+    return corrupted, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the chosen positions only (labels != -100), averaged over them; 0
+    (with a gradient path) when a batch happens to have none."""
+    chosen = labels != IGNORE
+    if not chosen.any():
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits[chosen].float(), labels[chosen])
+
+
+class MLMConfig(ObjectiveConfig):
+    kind: Literal["mlm"] = "mlm"
+    probability: float = Field(0.15, gt=0.0, lt=1.0, description="share of tokens chosen")
+    student_tap: str = Field("output", description="the token logits [B, L, vocab]")
+    needs_teacher: ClassVar[bool] = False
+
+    def student_taps(self) -> list[str]:
+        return [self.student_tap]
+
+
+@register("mlm")
+class MaskedLM(Objective):
+    """``prepare`` corrupts the student's token ids with the step's generator (a resumed run
+    draws the same mask) and keeps the labels in the batch; the loss reads the student's
+    logits."""
+
+    Config = MLMConfig
+
+    def __init__(self, config: MLMConfig, shapes: TapShapes):
+        super().__init__(config, shapes)
+        shape = shapes.student[config.student_tap]
+        if len(shape) != 3:
+            raise ObjectiveError(
+                f"mlm needs token logits [B, L, vocab] at student tap {config.student_tap!r}, "
+                f"which gives {list(shape)}; give the student kwargs task: masked_lm")
+        if shapes.student_tokenizer is None:
+            raise ObjectiveError("mlm needs the student's tokenizer (its mask token and special "
+                                 "tokens): set data.text.tokenizer (or tokenizers.student)")
+        from data_shards import load_tokenizer
+        tokenizer = load_tokenizer(shapes.student_tokenizer)
+        if tokenizer.mask_token_id is None:
+            raise ObjectiveError(f"the tokenizer in {shapes.student_tokenizer} has no mask token")
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.special_ids = sorted(set(tokenizer.all_special_ids))
+        self.vocab_size = int(shape[-1])
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        inputs = model_inputs(batch, "student")
+        ids = inputs["input_ids"]
+        special = torch.isin(ids, torch.tensor(self.special_ids, device=ids.device))
+        if "attention_mask" in inputs:
+            special |= inputs["attention_mask"] == 0
+        corrupted, labels = mlm_mask(ids, special, self.mask_token_id, self.vocab_size, generator,
+                                     self.config.probability)
+        # The student's own entry: a teacher reading the shared "tokens" still sees the text.
+        return {**batch, "student": {**inputs, "input_ids": corrupted}, LABELS: labels}
+
+    def forward(self, student_taps, teacher_taps, batch, student=None):
+        return mlm_loss(student_taps[self.config.student_tap], batch[LABELS])
