@@ -23,6 +23,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _class_list(text: str) -> list[int]:
+    """'5,6,7' -> [5, 6, 7]."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of class indices; write e.g. 5,6,7,8,9") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_shards", description="Pack, verify and inspect webdataset shards.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="K", help="encoding processes")
     pack.add_argument("--holdout", type=float, metavar="FRACTION", help="also write a held-out split (by stable key) to OUT/holdout")
     pack.add_argument("--seed", type=int, default=0, help="seed of the holdout split and of the sample order")
+    pack.add_argument("--classes", type=_class_list, metavar="I,J,...", help="pack only these classes (indices of the source's classes), relabelled 0, 1, ... in the order given")
+    pack.add_argument("--max-per-class", type=int, metavar="N", help="keep at most N samples of each class in each split (a small labelled subset)")
     pack.add_argument("--no-progress", action="store_true")
 
     verify = commands.add_parser("verify", help="decode every sample of every shard; exit 1 if any is bad")
@@ -59,6 +69,7 @@ def run_pack(args, console: Console) -> int:
         args.source, args.out, prefix=args.prefix, max_samples_per_shard=args.max_samples_per_shard,
         max_shard_bytes=args.max_shard_bytes, resize_max_side=args.resize_max_side, workers=args.workers,
         holdout=args.holdout, seed=args.seed, progress=not args.no_progress,
+        classes=args.classes, max_per_class=args.max_per_class,
     )  # fmt: skip
     from .index import ShardIndex
 

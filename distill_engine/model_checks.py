@@ -75,8 +75,10 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             built[role] = (model, traced)
     if "student" in built and refs.student_init is not None and refs.student_init.is_file():
         model = built["student"][0]
+        family = refs.student.family
         check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
-                           head=refs.student.family.classifier_prefixes(model))
+                           head=family.classifier_prefixes(model),
+                           ignore=family.init_extra_modules(model))
     if "student" not in built or (refs.teacher is not None and "teacher" not in built):
         return None
 
@@ -125,15 +127,16 @@ def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problem
 
 
 def check_weights_file(model: nn.Module, path: Path, where: str, problems: Problems,
-                       head: tuple[str, ...] = ()) -> None:
+                       head: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> None:
     """Compares key names and shapes from the file header, without reading tensors.
-    ``head``: classifier prefixes that may start fresh (initialising a student)."""
+    ``head``: classifier prefixes that may start fresh (initialising a student);
+    ``ignore``: modules the file may hold beyond the model's own."""
     shapes = weights.weight_shapes(path)
     if isinstance(shapes, str):
         problems.append((where, shapes))
         return
     want = weights.expected_shapes(model)
-    problem = weights.shape_problems(want, shapes, path,
+    problem = weights.shape_problems(want, shapes, path, ignore=ignore,
                                      fresh=weights.fresh_head_keys(want, shapes, head))
     if problem:
         problems.append((where, problem))

@@ -1,6 +1,8 @@
 """Hugging Face transformers models: ``hf:DIR``, a local directory with ``config.json``
 (weights, if any, are loaded by the runtime, never fetched from a hub). ``kwargs`` override
-config values; ``task`` picks the head (``base``, ``masked_lm``, ``sequence_classification``)."""
+config values; ``task`` picks the head (``base``, ``masked_lm``, ``sequence_classification``,
+``mae_pretraining``: ViTMAE encoder + decoder, ``image_classification``: a ViT classifier,
+which also builds from an MAE config so that it can start from an MAE encoder)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import masking
 from .base import InputShape, ModelFamily, ModelRecipe, register_family
 
 TASKS = {
     "base": "AutoModel",
     "masked_lm": "AutoModelForMaskedLM",
     "sequence_classification": "AutoModelForSequenceClassification",
+    "mae_pretraining": "AutoModelForPreTraining",            # ViTMAEForPreTraining
+    "image_classification": "AutoModelForImageClassification",
 }
 
 
@@ -35,6 +40,10 @@ class HuggingFaceFamily(ModelFamily):
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}")
         config = transformers.AutoConfig.from_pretrained(recipe.name, local_files_only=True)
+        if task == "image_classification" and config.model_type == "vit_mae":
+            # Fine-tuning an MAE encoder: the same encoder (same module names) under a ViT
+            # classifier head; transformers has no MAE classification head.
+            config = transformers.ViTConfig(**config.to_dict())
         for key, value in kwargs.items():
             setattr(config, key, value)
         # drop_path_rate is timm's notion; BERT-style models regularise by the dropout
@@ -58,6 +67,8 @@ class HuggingFaceFamily(ModelFamily):
                 "attention_mask": torch.ones(batch, shape.seq_len, dtype=torch.long, device=device)}
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
+        if isinstance(inputs, dict) and masking.MASK_RATIO in inputs:
+            return masking.forward(model, inputs)  # an objective chose the MAE mask ratio
         if isinstance(inputs, dict):
             return model(**inputs)
         return model(**{model.main_input_name: inputs})
@@ -81,6 +92,13 @@ class HuggingFaceFamily(ModelFamily):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_disable()
+
+    def init_extra_modules(self, model: nn.Module) -> tuple[str, ...]:
+        # A ViT (classifier or encoder) starting from a ViTMAEForPreTraining export: the
+        # encoder has the same module names, the MAE decoder is not part of it.
+        if isinstance(getattr(model, "vit", None), nn.Module) and not masking.masks_inside(model):
+            return ("decoder",)
+        return ()
 
     def classifier_prefixes(self, model: nn.Module) -> tuple[str, ...]:
         return ("classifier.",) if isinstance(getattr(model, "classifier", None), nn.Module) else ()
