@@ -94,6 +94,15 @@ def test_patchify_lays_patches_out_as_vitmae(mae_arch):
 
 # ---------------------------------------------------------------------------- mae on ViTMAE
 
+def test_a_fresh_mae_has_its_sin_cos_positions(mae_arch):
+    """transformers 5.23 leaves them at zeros when building from a config; they get no
+    gradient, so the family writes them (the ZeRO-3 build: tests/test_self_distillation_job)."""
+    model = tapped(mae_arch, "mae_pretraining", []).model
+    for table in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+        assert not table.requires_grad and table[0, 1:].abs().max() > 0.5
+        assert table[0, 1:].unique(dim=0).shape[0] == PATCHES, "one position per patch"
+
+
 def mae_objective(model: TappedModel, mask_ratio: float = 0.75):
     config = MAEConfig(mask_ratio=mask_ratio)
     shapes = TapShapes(student={"output": (1, PATCHES, 48)}, student_model=model.model)

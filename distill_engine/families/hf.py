@@ -48,7 +48,9 @@ class HuggingFaceFamily(ModelFamily):
             setattr(config, key, value)
         # drop_path_rate is timm's notion; BERT-style models regularise by the dropout
         # probabilities in their config.
-        return getattr(transformers, TASKS[task]).from_config(config)
+        model = getattr(transformers, TASKS[task]).from_config(config)
+        masking.set_fixed_positions(model)  # an MAE's sin-cos tables (transformers leaves zeros)
+        return model
 
     def example_input(self, model: nn.Module, shape: InputShape, batch: int = 1,
                       device: str | torch.device = "meta",
@@ -67,8 +69,8 @@ class HuggingFaceFamily(ModelFamily):
                 "attention_mask": torch.ones(batch, shape.seq_len, dtype=torch.long, device=device)}
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
-        if isinstance(inputs, dict) and masking.MASK_RATIO in inputs:
-            return masking.forward(model, inputs)  # an objective chose the MAE mask ratio
+        if masking.masks_inside(model) or (isinstance(inputs, dict) and masking.MASK_RATIO in inputs):
+            return masking.forward(model, inputs)  # ViTMAE: the mask ratio an objective chose
         if isinstance(inputs, dict):
             return model(**inputs)
         return model(**{model.main_input_name: inputs})

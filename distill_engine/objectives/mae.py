@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from ..families.masking import MASK_RATIO
+from ..families.masking import MASK_RATIO, masks_inside
 from ..inputs import model_inputs
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
@@ -80,12 +80,12 @@ class MaskedAutoencoding(Objective):
 
     def __init__(self, config: MAEConfig, shapes: TapShapes):
         super().__init__(config, shapes)
-        model_config = getattr(shapes.student_model, "config", None)
-        if not hasattr(model_config, "mask_ratio"):
+        if not masks_inside(shapes.student_model):
             raise ObjectiveError(
                 "the mae objective needs a student that masks and decodes patches itself: a "
                 "Hugging Face ViTMAE model (arch 'hf:DIR' whose config.json has model_type "
                 "'vit_mae', with kwargs {task: mae_pretraining})")
+        model_config = shapes.student_model.config
         self.patch_size = model_config.patch_size
         self.channels = model_config.num_channels
         shape = shapes.student[config.student_tap]
