@@ -27,13 +27,15 @@ def job_run(tmp_path_factory) -> tuple[Path, str, float]:
     labelled = pack_digits(work / "labelled", "--classes", "5,6,7,8,9", "--holdout", "0.2",
                            "--max-per-class", "8")
     small = ["--set", f"run_dir={work / 'run'}",
-             "--set", f"data.train={target / 'train'}", "--set", f"data.eval={target / 'holdout'}",
+             "--set", f"data.train={labelled / 'train'}", "--set", f"data.eval={target / 'holdout'}",
              "--set", "data.micro_batch_size=16", "--set", "optimisation.steps=3",
              "--set", "checkpointing.every_steps=2", "--set", "logging.every_steps=1",
              "--set", "logging.plot=false",
              "--set", f"stages.0.data.train={source}", "--set", "stages.0.optimisation.steps=6",
+             *[arg for index in (1, 2) for arg in
+               ("--set", f"stages.{index}.data.train={target / 'train'}")],
              *[arg for index in (3, 4, 5) for arg in
-               ("--set", f"stages.{index}.data.train={labelled / 'train'}")]]
+               ("--set", f"stages.{index}.optimisation.steps=3")]]
     spec = ROOT / "jobs" / "self_distillation.yaml"
     crashed = run_deepspeed(spec, *small, timeout=300,
                             extra_env={"DISTILL_FAULT": "kill_rank_at_step:1:4"})
