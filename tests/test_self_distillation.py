@@ -205,3 +205,26 @@ def test_hidden_refuses_models_of_different_widths():
     with pytest.raises(ObjectiveError, match="same width"):
         build_objective(HiddenConfig(), TapShapes(student={"vit.layernorm": (1, 10, 32)},
                                                   teacher={"vit.layernorm": (1, 10, 64)}))
+
+
+def test_hidden_works_on_a_bert_encoder_tap(tmp_path):
+    """Any tap giving [B, N, D] tokens: BERT's encoder (its output record stands for the last
+    hidden state). BERT never masks inside, so its token ids pass through unchanged."""
+    from transformers import BertConfig
+    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               vocab_size=50, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0).save_pretrained(tmp_path)
+    student = tapped(f"hf:{tmp_path}", "masked_lm", ["bert.encoder"], seed=0)
+    teacher = tapped(f"hf:{tmp_path}", "masked_lm", ["bert.encoder"], seed=1)
+    tokens = {"input_ids": torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(0)),
+              "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    hidden = build_objective(HiddenConfig(student_tap="bert.encoder", teacher_tap="bert.encoder"), TapShapes(
+        student={"bert.encoder": (1, 12, 32)}, teacher={"bert.encoder": (1, 12, 32)},
+        student_model=student.model, teacher_model=teacher.model))
+    batch = hidden.prepare({"tokens": tokens}, torch.Generator().manual_seed(0))
+    assert model_inputs(batch, "teacher") is tokens
+    teacher_taps = teacher.run(model_inputs(batch, "teacher"))
+    loss = hidden(student.run(tokens), teacher_taps, batch, student.run)
+    expected = hidden_state_distance(student.run(tokens)["bert.encoder"][:, 0],
+                                     teacher_taps["bert.encoder"][:, 0])
+    assert torch.allclose(loss, expected)
