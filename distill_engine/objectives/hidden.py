@@ -71,6 +71,24 @@ class HiddenConfig(ObjectiveConfig):
         return [self.teacher_tap]
 
 
+def _encoder_activations(model, tap_tokens: int) -> tuple[int, str] | None:
+    """Elements per sample that an unmasked encoder pass keeps for the backward, roughly:
+    per layer, its [N, D] tensors (2 norms, q, k, v, attention output and projection, 2
+    residual sums, the MLP's output) and its [N, I] ones (the MLP's hidden layer and its
+    activation). N: every patch and CLS for a masked autoencoder, else the tap's tokens."""
+    config = getattr(model, "config", None)
+    layers, width = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    if not (isinstance(layers, int) and isinstance(width, int)):
+        return None
+    inner = getattr(config, "intermediate_size", 4 * width)
+    if masks_inside(model):
+        tokens = (config.image_size // config.patch_size) ** 2 + 1
+    else:
+        tokens = tap_tokens
+    return (layers * tokens * (10 * width + 2 * inner),
+            f"~{layers} layers x N={tokens} x (10 D + 2 I) with D={width}, I={inner}")
+
+
 @register("hidden")
 class HiddenStateMatching(Objective):
     Config = HiddenConfig
@@ -94,6 +112,7 @@ class HiddenStateMatching(Objective):
         # Which side must be told not to mask (read from the meta-built models).
         self.masks_inside = {"student": masks_inside(shapes.student_model),
                              "teacher": masks_inside(shapes.teacher_model)}
+        self.second_pass = _encoder_activations(shapes.student_model, student[1])
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         return {**batch,
@@ -118,9 +137,13 @@ class HiddenStateMatching(Objective):
                                      select_token(teacher_tokens, self.config.token))
 
     def memory_per_sample(self) -> tuple[float, str]:
-        """The fp32 difference and its square, [D] each, and the unmasked pass's [N, D] tap
-        held for the backward (the second forward's other activations belong to the
-        model, as those of the first pass)."""
-        tokens = self.shapes["teacher"][self.config.teacher_tap][1]
-        return 4 * (2 * self.width + tokens * self.width), \
-            f"fp32 [D={self.width}] distance terms + the unmasked pass's tap [N, D]"
+        """The fp32 distance terms, and what the second, unmasked student pass keeps for the
+        backward (the plan's student activations count the first, masked pass only)."""
+        if self.second_pass is None:
+            tokens = self.shapes["student"][self.config.student_tap][1]
+            return 4 * (2 * self.width + tokens * self.width), \
+                f"fp32 [D={self.width}] distance terms + the second pass's tap [N, D] (its " \
+                f"other activations are not counted: the model has no layer count in its config)"
+        elements, how = self.second_pass
+        return 4 * (2 * self.width + elements), \
+            f"second, unmasked student pass: {how}, at 4 bytes (half in bf16)"
