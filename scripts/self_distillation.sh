@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Self-distillation for further pre-training on the digits (jobs/self_distillation.yaml):
 # packs the class splits, runs the job on 2 ranks (pre-training stages once, fine-tuning with
-# data seeds 0, 1, 2), and prints the held-out accuracies (runs/self-distillation/results.md).
+# data seeds 0, 1, 2; FINETUNE_SEEDS="" for seed 0 only), and prints the held-out accuracies (runs/self-distillation/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VENV=${VENV:-.venv}
@@ -29,7 +29,7 @@ run_job() {
 
 start=$(date +%s)
 run_job "$@"                                  # all stages; fine-tuning with data seed 0
-for seed in ${FINETUNE_SEEDS:-1 2}; do        # the pre-training stages are done: skipped
+for seed in ${FINETUNE_SEEDS-1 2}; do        # the pre-training stages are done: skipped
   sets=()
   for stage in 3 4 5; do
     name=$(python -c "import yaml; print(yaml.safe_load(open('jobs/self_distillation.yaml'))['stages'][$stage]['name'])")
@@ -38,4 +38,4 @@ for seed in ${FINETUNE_SEEDS:-1 2}; do        # the pre-training stages are done
   run_job "${sets[@]}" "$@"
 done
 echo "self_distillation.sh: $(( $(date +%s) - start )) s"
-python scripts/self_distillation_results.py "$RUN" 0 ${FINETUNE_SEEDS:-1 2} | tee "$RUN/results.md"
+python scripts/self_distillation_results.py "$RUN" 0 ${FINETUNE_SEEDS-1 2} | tee "$RUN/results.md"
