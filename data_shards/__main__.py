@@ -26,6 +26,14 @@ def parse_size(text: str) -> int:
 EXIT_CODES = "exit codes: 0 done; 1 verify found bad samples; 2 bad arguments or unreadable data (one-paragraph message)"
 
 
+def _class_list(text: str) -> list[int]:
+    """'5,6,7' -> [5, 6, 7]."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of class indices; write e.g. 5,6,7,8,9") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_shards", description="Pack, verify and inspect webdataset shards.", epilog=EXIT_CODES)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="K", help="encoding processes")
     pack.add_argument("--holdout", type=float, metavar="FRACTION", help="also write a held-out split (by stable key) to OUT/holdout")
     pack.add_argument("--seed", type=int, default=0, help="seed of the holdout split and of the sample order")
+    pack.add_argument("--classes", type=_class_list, metavar="I,J,...", help="pack only these classes (indices of the source's classes), relabelled 0, 1, ... in the order given")
+    pack.add_argument("--max-per-class", type=int, metavar="N", help="keep at most N samples of each class in each split (a small labelled subset)")
     pack.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts and logs)")
 
     verify = commands.add_parser("verify", epilog=EXIT_CODES, help="decode every sample of every shard; exit 1 if any is bad")
@@ -62,6 +72,7 @@ def run_pack(args, console: Console) -> int:
         args.source, args.out, prefix=args.prefix, max_samples_per_shard=args.max_samples_per_shard,
         max_shard_bytes=args.max_shard_bytes, resize_max_side=args.resize_max_side, workers=args.workers,
         holdout=args.holdout, seed=args.seed, progress=not args.no_progress,
+        classes=args.classes, max_per_class=args.max_per_class,
     )  # fmt: skip
     from .index import ShardIndex
 

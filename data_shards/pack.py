@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import webdataset as wds
@@ -60,6 +61,34 @@ def _encode_image(item: SourceItem, resize_max_side: int | None) -> tuple[str, b
     return "png", buffer.getvalue(), image.size
 
 
+def select_classes(loaded: Source, classes: list[int], source: str) -> Source:
+    """Only the samples of ``classes``, relabelled 0, 1, ... in the order given (a class
+    split: pre-train on some classes, fine-tune on the others)."""
+    names = loaded.classes or []
+    if not all(item.label is not None for item in loaded.items):
+        raise DataError(f"--classes needs a labelled source; {source} has unlabelled samples.")
+    bad = [c for c in classes if not 0 <= c < len(names)]
+    if not classes or bad or len(set(classes)) != len(classes):
+        raise DataError(f"--classes {','.join(map(str, classes))} must name distinct class indices of {source}, which has {len(names)} classes (0..{len(names) - 1}: {', '.join(names)}).")
+    new_label = {old: new for new, old in enumerate(classes)}
+    items = [replace(item, label=new_label[item.label]) for item in loaded.items if item.label in new_label]
+    return Source(items, loaded.modality, [names[c] for c in classes], loaded.name)
+
+
+def _at_most_per_class(items: list[SourceItem], split_of: list[str], limit: int, source: str) -> tuple[list[SourceItem], list[str]]:
+    """The first ``limit`` samples of each class in each split, in the packed order (a
+    subset of what the same command without the limit packs into that split)."""
+    if not all(item.label is not None for item in items):
+        raise DataError(f"--max-per-class needs a labelled source; {source} has unlabelled samples.")
+    seen: Counter = Counter()
+    kept = []
+    for item, split in zip(items, split_of):
+        seen[split, item.label] += 1
+        if seen[split, item.label] <= limit:
+            kept.append((item, split))
+    return [item for item, _ in kept], [split for _, split in kept]
+
+
 class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         return Text(f"{task.speed:,.0f} samples/s" if task.speed else "- samples/s", style="progress.data.speed")
@@ -92,6 +121,8 @@ def pack(
     holdout: float | None = None,
     seed: int = 0,
     progress: bool = True,
+    classes: list[int] | None = None,
+    max_per_class: int | None = None,
 ) -> list[Path]:
     """Pack `source` into shards under `out`; returns the index paths written (one, or train + holdout)."""
     if max_samples_per_shard is not None and max_shard_bytes is not None:
@@ -104,7 +135,11 @@ def pack(
         raise DataError(f"--holdout is the held-out fraction, strictly between 0 and 1; got {holdout}.")
     if resize_max_side is not None and resize_max_side < 1:
         raise DataError(f"--resize-max-side must be a positive number of pixels, not {resize_max_side}.")
+    if max_per_class is not None and max_per_class < 1:
+        raise DataError(f"--max-per-class must be at least 1, not {max_per_class}.")
     loaded: Source = load_source(source)
+    if classes is not None:
+        loaded = select_classes(loaded, classes, source)
     prefix = prefix or loaded.name
     if not all(c.isalnum() or c in "_-" for c in prefix):
         raise DataError(f"--prefix '{prefix}' may hold only letters, digits, '_' and '-'.")
@@ -122,9 +157,13 @@ def pack(
             if name not in split_of:
                 raise DataError(f"--holdout {holdout} with --seed {seed} leaves the {name} split of {len(items)} samples empty; choose another fraction.")
 
+    if max_per_class is not None:
+        items, split_of = _at_most_per_class(items, split_of, max_per_class, source)
+
     args = {
         "source": source, "out": str(out), "prefix": prefix, "max_samples_per_shard": max_samples_per_shard,
         "max_shard_bytes": max_shard_bytes, "resize_max_side": resize_max_side, "holdout": holdout, "seed": seed,
+        "classes": classes, "max_per_class": max_per_class,
     }  # fmt: skip
     writers, counts = {}, {}
     for split, directory in splits.items():

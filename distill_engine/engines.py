@@ -286,7 +286,8 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
         if fresh:
             log.info("student: %s start fresh (not in %s, or another number of classes)",
                      _short(sorted(fresh)), plan.student_init)
-        load_weights(model, state, plan.student_init, fresh=fresh)
+        load_weights(model, state, plan.student_init, fresh=fresh,
+                     ignore=family.init_extra_modules(model))
     frozen = set(plan.models.frozen_params)
     for name, param in model.named_parameters():
         if name in frozen:

@@ -87,9 +87,10 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             built[role] = (model, traced)
     if "student" in built and refs.student_init is not None and refs.student_init.is_file():
         model = built["student"][0]
+        family = refs.student.family
         check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
-                           head=refs.student.family.classifier_prefixes(model),
-                           family=refs.student.family)
+                           head=family.classifier_prefixes(model),
+                           ignore=family.init_extra_modules(model), family=family)
     if "student" not in built or (refs.teacher is not None and "teacher" not in built):
         return None
 
@@ -150,9 +151,11 @@ def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problem
 
 
 def check_weights_file(model: nn.Module, path: Path, where: str, problems: Problems,
-                       head: tuple[str, ...] = (), family: ModelFamily | None = None) -> None:
+                       head: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
+                       family: ModelFamily | None = None) -> None:
     """Compares key names and shapes from the file header, without reading tensors.
     ``head``: classifier prefixes that may start fresh (initialising a student);
+    ``ignore``: modules the file may hold beyond the model's own;
     ``family``: renames the file's keys as the runtime will (``adapt_state_keys``)."""
     shapes = weights.weight_shapes(path)
     if isinstance(shapes, str):
@@ -161,7 +164,7 @@ def check_weights_file(model: nn.Module, path: Path, where: str, problems: Probl
     if family is not None:
         shapes = family.adapt_state_keys(model, shapes)
     want = weights.expected_shapes(model)
-    problem = weights.shape_problems(want, shapes, path,
+    problem = weights.shape_problems(want, shapes, path, ignore=ignore,
                                      fresh=weights.fresh_head_keys(want, shapes, head))
     if problem:
         problems.append((where, problem))

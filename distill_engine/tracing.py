@@ -57,7 +57,12 @@ def trace(model: nn.Module, family: ModelFamily, inputs: Any) -> Trace:
 
 
 def deepest_tap(trace: Trace, taps: Iterable[str]) -> str | None:
-    taps = [t for t in taps if t != OUTPUT]
+    """The tap that finishes last, or None when there is none to cut after: no module
+    taps, or the model's output among them (the output depends on everything that runs,
+    an MAE decoder after a ``vit.layernorm`` tap included)."""
+    taps = list(taps)
+    if OUTPUT in taps:
+        return None
     if not taps:
         return None
     return max(taps, key=lambda t: trace.end[t])

@@ -191,14 +191,20 @@ def sparse_safetensors(path: Path, arch: str, **kwargs) -> Path:
     """A real safetensors file for a timm architecture whose tensor bytes are a hole in the
     file: the header (names, dtypes, shapes) is genuine, the data costs no disk and no time.
     Paper-scale recipes can then be checked without their multi-GB weights."""
-    import json
-    import struct
-
     import timm
     import torch
 
     with torch.device("meta"):
         model = timm.create_model(arch, **kwargs)
+    return sparse_safetensors_of(path, model)
+
+
+def sparse_safetensors_of(path: Path, model) -> Path:
+    """``sparse_safetensors`` for any model (built on the meta device): its state dict's
+    names and shapes, no data."""
+    import json
+    import struct
+
     header, offset = {}, 0
     for name, tensor in model.state_dict().items():
         size = tensor.numel() * 4

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distill_engine.families import FAMILIES, InputShape, ModelRecipe
+from distill_engine.inputs import model_inputs
 from distill_engine.objectives import OBJECTIVES, TapShapes, build_objective
 from distill_engine.taps import OUTPUT, Taps
 from helpers import TINY_VIT, TINY_VIT_ARCH, tiny_tokenizer
@@ -46,7 +47,17 @@ EXAMPLES = {
     "mlm": {
         "hf": {"kind": "mlm"},
     },
+    # hf: on a tiny ViTMAE (encoder + decoder) pair, as self-distillation runs them.
+    "mae": {
+        "hf": {"kind": "mae"},
+    },
+    "hidden": {
+        "timm": {"kind": "hidden", "student_tap": "norm", "teacher_tap": "norm"},
+        "hf": {"kind": "hidden"},
+    },
 }
+# Objectives whose student and teacher are one architecture (self-distillation).
+SAME_ARCHITECTURE = {"mae", "hidden"}
 # The Hugging Face head each kind reads.
 HF_TASKS = {"cross_entropy": "sequence_classification", "soft_label": "sequence_classification",
             "mlm": "masked_lm"}
@@ -56,7 +67,22 @@ def test_every_registered_objective_has_an_example_here():
     assert set(OBJECTIVES) <= set(EXAMPLES), f"add examples for {set(OBJECTIVES) - set(EXAMPLES)}"
 
 
-def models_for(family: str, tmp_path_factory, task: str):
+def mae_dir(tmp_path_factory) -> ModelRecipe:
+    from transformers import ViTMAEConfig
+    directory = tmp_path_factory.mktemp("vit_mae")
+    ViTMAEConfig(image_size=TINY_VIT["img_size"], patch_size=8, hidden_size=32,
+                 num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                 decoder_num_attention_heads=2, decoder_intermediate_size=64,
+                 norm_pix_loss=True).save_pretrained(directory)
+    return ModelRecipe(f"hf:{directory}", {"task": "mae_pretraining"})
+
+
+def models_for(family: str, tmp_path_factory, task: str, kind: str = ""):
+    if kind in SAME_ARCHITECTURE:
+        student = ModelRecipe(TINY_VIT_ARCH, TINY_VIT) if family == "timm" else \
+            mae_dir(tmp_path_factory)
+        return student, student
     if family == "timm":
         student = ModelRecipe(TINY_VIT_ARCH, TINY_VIT)
         teacher = ModelRecipe(TINY_VIT_ARCH, {**TINY_VIT, "embed_dim": 48, "num_heads": 2})
@@ -83,14 +109,14 @@ def test_objective_gives_a_finite_loss_and_gradients_only_where_they_belong(kind
         pytest.skip(f"{kind} does not apply to {family} models")
     config = OBJECTIVES[kind].Config.model_validate(example)
     task = HF_TASKS.get(kind, "base")
-    student_recipe, teacher_recipe = models_for(family, tmp_path_factory, task)
+    student_recipe, teacher_recipe = models_for(family, tmp_path_factory, task, kind)
     torch.manual_seed(0)
     student = student_recipe.family.create(student_recipe)
     teacher = teacher_recipe.family.create(teacher_recipe)
     shape = InputShape(image_size=TINY_VIT["img_size"], seq_len=12)
     inputs = student_recipe.family.example_input(student, shape, batch=3, device="cpu",
                                                  generator=torch.Generator().manual_seed(1))
-    batch = {"student": inputs, "label": torch.tensor([0, 1, 2])}
+    batch = {"student": inputs, "teacher": inputs, "label": torch.tensor([0, 1, 2])}
     teacher_taps = run(teacher_recipe, teacher, config.teacher_taps(), inputs)  # with grad
     student_taps = run(student_recipe, student, config.student_taps(), inputs)
     shapes = TapShapes(student={t: tuple(student_taps[t].shape) for t in config.student_taps()},
@@ -98,7 +124,12 @@ def test_objective_gives_a_finite_loss_and_gradients_only_where_they_belong(kind
                        student_model=student, teacher_model=teacher,
                        student_tokenizer=tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")))
     objective = build_objective(config, shapes)
+    # As the runtime: prepare (a mask, unmasked entries) before either model runs.
     batch = objective.prepare(batch, torch.Generator().manual_seed(2))
+    teacher_taps = run(teacher_recipe, teacher, config.teacher_taps(),
+                       model_inputs(batch, "teacher"))
+    student_taps = run(student_recipe, student, config.student_taps(),
+                       model_inputs(batch, "student"))
 
     def student_pass(other_inputs):
         return run(student_recipe, student, config.student_taps(), other_inputs)

@@ -97,3 +97,26 @@ def test_recipes_refuse_the_wrong_world_size(tmp_path, shards):
                                     f"data.train={shards}", "--set",
                                     f"stages.0.teacher.weights={weights}", world_size=8)
     assert code == 2 and "global_batch_size" in err
+
+
+def test_self_distillation_mae_vitb(tmp_path, shards):
+    """MAE ViT-B (Hugging Face ViTMAEForPreTraining, encoder + decoder) from a checkpoint
+    with its in-memory names; the paper's optimiser, steps and batch."""
+    import torch
+    from transformers import AutoConfig, ViTMAEForPreTraining
+
+    from helpers import sparse_safetensors_of
+    config = AutoConfig.from_pretrained(ROOT / "jobs" / "configs" / "vit_mae_base")
+    with torch.device("meta"):
+        mae = ViTMAEForPreTraining(config)
+    weights = sparse_safetensors_of(tmp_path / "mae_b.safetensors", mae)
+    code, out, err = check_in_process(
+        ROOT / "jobs" / "self_distillation_mae_vitb.yaml", "--set", f"data.train={shards}",
+        "--set", f"stages.0.student.init={weights}", "--set", f"stages.1.student.init={weights}",
+        world_size=8)
+    assert code == 0, err
+    out = " ".join(out.replace("│", " ").split())
+    assert "8 per rank x 8 ranks x 1 accumulation = 64" in out
+    assert "lr 0.00015 (linear, 0 steps warm-up), 20000 steps, wd 0.01" in out
+    assert "mae x 1.0; hidden x 1.0" in out
+    assert "teacher pruned decoder" in out            # the teacher is the encoder alone

@@ -94,6 +94,28 @@ def test_holdout_split_is_disjoint_and_by_key(tmp_path):
     assert ShardIndex.load(tmp_path / "s1" / "train").modality == "text"
 
 
+def test_class_split_and_labelled_subset(tmp_path):
+    """--classes packs a class split relabelled 0..k-1 (source / target tasks from one data
+    set); --max-per-class keeps a subset of what the same split holds without it."""
+    from sklearn.datasets import load_digits
+
+    def samples(directory):
+        index = ShardIndex.load(directory)
+        return index, {s["__key__"]: int(s["cls"]) for url in index.urls for s in read_shard(url)}
+
+    pack("sklearn:digits", tmp_path / "target", classes=[5, 7], holdout=0.2, workers=1, progress=False)
+    pack("sklearn:digits", tmp_path / "few", classes=[5, 7], holdout=0.2, max_per_class=3, workers=1, progress=False)
+    targets = load_digits().target
+    index, train = samples(tmp_path / "target" / "train")
+    _, held = samples(tmp_path / "target" / "holdout")
+    assert index.classes == ["5", "7"] and set(train.values()) == {0, 1}
+    assert len(train) + len(held) == int(((targets == 5) | (targets == 7)).sum())
+    assert all(targets[int(key.split("_")[1])] == [5, 7][label] for key, label in train.items())
+    _, few = samples(tmp_path / "few" / "train")
+    assert sorted(few.values()) == [0, 0, 0, 1, 1, 1] and set(few) <= set(train)
+    assert main(["pack", "sklearn:digits", "--out", str(tmp_path / "bad"), "--classes", "5,12", "--no-progress"]) == 2
+
+
 def test_text_jsonl_with_class_names(tmp_path):
     source = tmp_path / "reviews.jsonl"
     records = [{"text": f"review {i} é", "label": ["neg", "pos"][i % 2]} for i in range(9)]

@@ -128,6 +128,11 @@ class ModelFamily:
         unchanged."""
         return state
 
+    def init_extra_modules(self, model: nn.Module) -> tuple[str, ...]:
+        """Module paths that a file the student starts from may hold beyond the model's own,
+        left unloaded (an MAE decoder, when a classifier starts from encoder + decoder)."""
+        return ()
+
     # -- export
     def write_export(self, state: dict[str, torch.Tensor], recipe: ModelRecipe, model: nn.Module,
                      out_dir: Path, extra: dict[str, Any]) -> Path:

@@ -7,8 +7,10 @@
   ``intermediate_size`` to ``4 * hidden_size`` (the shapes of "Well-Read Students Learn
   Better"), so that a miniature is one line: ``{num_hidden_layers: 4, hidden_size: 256}``.
 
-``kwargs.task`` picks the head: ``base``, ``masked_lm`` or ``sequence_classification``
-(with ``num_labels``). A directory of that name wins over a model type.
+``kwargs.task`` picks the head: ``base``, ``masked_lm``, ``sequence_classification`` (with
+``num_labels``), ``mae_pretraining`` (ViTMAE encoder + decoder) or ``image_classification`` (a
+ViT classifier, which also builds from an MAE config so that it can start from an MAE
+encoder). A directory of that name wins over a model type.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import masking
 from .base import InputShape, ModelFamily, ModelRecipe, did_you_mean, register_family
 
 TASKS = {
     "base": "AutoModel",
     "masked_lm": "AutoModelForMaskedLM",
     "sequence_classification": "AutoModelForSequenceClassification",
+    "mae_pretraining": "AutoModelForPreTraining",            # ViTMAEForPreTraining
+    "image_classification": "AutoModelForImageClassification",
 }
 # Keys a checkpoint of the same backbone may carry for another head: a BertModel's pooler in
 # a masked-LM model, a masked-LM head in a classifier. Dropped when the model has no such key.
@@ -77,19 +82,26 @@ class HuggingFaceFamily(ModelFamily):
         task = recipe.kwargs.get("task", "base")
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {sorted(TASKS)}")
+        config = build_config(recipe)
+        if task == "image_classification" and config.model_type == "vit_mae":
+            # Fine-tuning an MAE encoder: the same encoder (same module names) under a ViT
+            # classifier head; transformers has no MAE classification head.
+            config = transformers.ViTConfig(**config.to_dict())
         # drop_path_rate is timm's notion; BERT-style models regularise by the dropout
         # probabilities in their config.
         model_class = getattr(transformers, TASKS[task])
         if not _inside_zero_init():
-            return model_class.from_config(build_config(recipe))
-        # Under the runtime's zero.Init each parameter is partitioned as it is created, and
-        # transformers' own initialisation (which indexes the embedding's padding row) would
-        # see empty shards: build without it, then initialise each module's gathered
-        # parameters, as transformers does when it opens zero.Init itself.
-        with no_init_weights():
-            model = model_class.from_config(build_config(recipe))
-        initialize_weights_zero3(model)
-        model.tie_weights()
+            model = model_class.from_config(config)
+        else:
+            # Under the runtime's zero.Init each parameter is partitioned as it is created, and
+            # transformers' own initialisation (which indexes the embedding's padding row) would
+            # see empty shards: build without it, then initialise each module's gathered
+            # parameters, as transformers does when it opens zero.Init itself.
+            with no_init_weights():
+                model = model_class.from_config(config)
+            initialize_weights_zero3(model)
+            model.tie_weights()
+        masking.set_fixed_positions(model)  # an MAE's sin-cos tables (transformers leaves zeros)
         return model
 
     def input_modality(self, model: nn.Module) -> str:
@@ -115,6 +127,8 @@ class HuggingFaceFamily(ModelFamily):
                 "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
+        if masking.masks_inside(model) or (isinstance(inputs, dict) and masking.MASK_RATIO in inputs):
+            return masking.forward(model, inputs)  # ViTMAE: the mask ratio an objective chose
         if isinstance(inputs, dict):
             return model(**inputs)
         return model(**{model.main_input_name: inputs})
@@ -138,6 +152,13 @@ class HuggingFaceFamily(ModelFamily):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_disable()
+
+    def init_extra_modules(self, model: nn.Module) -> tuple[str, ...]:
+        # A ViT (classifier or encoder) starting from a ViTMAEForPreTraining export: the
+        # encoder has the same module names, the MAE decoder is not part of it.
+        if isinstance(getattr(model, "vit", None), nn.Module) and not masking.masks_inside(model):
+            return ("decoder",)
+        return ()
 
     def classifier_prefixes(self, model: nn.Module) -> tuple[str, ...]:
         """The task heads, which start fresh when the file holds another head (a backbone
