@@ -216,6 +216,7 @@ class HuggingFaceFamily(ModelFamily):
             raise RuntimeError(f"export of {recipe.arch}: missing {sorted(set(missing) - tied)}, "
                                f"unexpected {sorted(unexpected)}")
         export.save_pretrained(out_dir)
+        _keep_own_names(export, out_dir / "model.safetensors")
         tokenizer = extra.pop("tokenizer", None)
         if tokenizer is not None:
             from data_shards import load_tokenizer
@@ -223,6 +224,21 @@ class HuggingFaceFamily(ModelFamily):
         card = {"arch": recipe.arch, "kwargs": recipe.kwargs, "tokenizer": str(tokenizer), **extra}
         (out_dir / "model.json").write_text(json.dumps(card, indent=2, default=str))
         return out_dir / "model.safetensors"
+
+
+def _keep_own_names(model: nn.Module, weights: Path) -> None:
+    """transformers writes some models under older key names (ViTMAE's encoder layers); the
+    runtime's later stages load an export by the model's own names, which ``from_pretrained``
+    reads as well, so the file is rewritten with those where the two differ."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    own = {k: v for k, v in model.state_dict().items() if k not in _aliases(model)}
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = set(handle.keys())
+    if saved != set(own):
+        tmp = weights.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in own.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.replace(weights)
 
 
 def _inside_zero_init() -> bool:
