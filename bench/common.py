@@ -217,8 +217,10 @@ def engine_trainer(job, plan, batches):
 def measured(stdout: str) -> list[dict[str, Any]]:
     """The ``MEASURED {json}`` lines of measure_memory.py, one per rank, by rank."""
     import json
-    rows = [json.loads(line.split("MEASURED ", 1)[1]) for line in stdout.splitlines()
-            if "MEASURED " in line]
+    import re
+    # Ranks print at once: two lines may reach the launcher's stdout run together.
+    decoder = json.JSONDecoder()
+    rows = [decoder.raw_decode(stdout, m.end())[0] for m in re.finditer(r"MEASURED ", stdout)]
     return sorted(rows, key=lambda r: r["rank"])
 
 

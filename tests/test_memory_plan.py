@@ -40,7 +40,11 @@ def test_estimate_is_within_tolerance_of_the_peak_measured_on_a_cpu_rank(tmp_pat
     job = common.fd_job(tmp_path, TEACHER, STUDENT, batch=32, size=224,
                         objectives=OBJECTIVES[objective])
     memory = plan_stage(job.stages[0], world_size=1, accelerator_bf16=False)
-    [rank] = common.measure_memory(tmp_path / "job.yaml", ranks=1, steps=1, timeout=300)
+    # glibc as users run it: the planner leaves headroom for allocator slack, and on this
+    # job it sits 0.97-1.04 of such peaks (1.19-1.21 of the live-tensor peaks that a fixed
+    # mmap threshold measures).
+    [rank] = common.measure_memory(tmp_path / "job.yaml", ranks=1, steps=1, timeout=300,
+                                   exact_memory=False)
     lines = ", ".join(f"{l.what} {l.bytes / 2**20:.0f} MiB" for l in memory.lines)
     print(f"{objective}: estimate {memory.total / 2**30:.3f} GiB ({lines}), measured peak "
           f"{rank['peak'] / 2**30:.3f} GiB")
