@@ -96,11 +96,19 @@ def unreachable_parameters(model: nn.Module, trace: Trace, taps: Iterable[str]) 
                   if all(n.startswith(after) for n in names))
 
 
+class Pruned(nn.Identity):
+    """What stands in for a module pruned from a frozen teacher: it returns its first input,
+    whatever the caller passes (a BERT layer calls its output module with two tensors)."""
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else next(iter(kwargs.values()), None)
+
+
 def prune_after(model: nn.Module, trace: Trace, taps: Iterable[str]) -> list[str]:
     """Removes everything that runs after the deepest tap; returns the removed paths.
 
     Blocks held in a ModuleList/Sequential are cut off (``blocks.17`` keeps blocks 0..17);
-    any other module that runs later (final norm, head) becomes ``nn.Identity``.
+    any other module that runs later (final norm, head) becomes ``Pruned`` (an identity).
     """
     tap = deepest_tap(trace, taps)
     if tap is None:
@@ -119,6 +127,6 @@ def prune_after(model: nn.Module, trace: Trace, taps: Iterable[str]) -> list[str
                     for i in range(len(parent) - 1, index - 1, -1):
                         del parent[i]
         else:
-            setattr(parent, child, nn.Identity())
+            setattr(parent, child, Pruned())
             removed.append(path)
     return removed

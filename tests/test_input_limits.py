@@ -185,9 +185,10 @@ def test_names_that_are_nearly_right_get_the_nearest_valid_name(spec, tmp_path):
         "stages[1].teacher.arch: 'stage:techer' is not an earlier stage; earlier stages: "
         "['teacher']; did you mean 'teacher'?"]
     bad = changed(spec, ("stages.1.objectives.0.kind", "featur"))
+    from distill_engine.objectives import OBJECTIVES
     assert refused(bad, tmp_path) == [
         "stages[1].objectives[0].kind: 'featur' is not an objective kind; kinds: "
-        "['cross_entropy', 'feature', 'relation']; did you mean 'feature'?"]
+        f"{sorted(OBJECTIVES)}; did you mean 'feature'?"]
 
 
 def test_a_misspelt_section_is_one_problem_not_two(spec, tmp_path):
