@@ -228,10 +228,10 @@ class StageTrainer:
                 faults.maybe_kill_rank(self.step + 1, self.rank)  # test-only
                 faults.maybe_hang_rank(self.step + 1, self.rank)  # test-only
                 started = time.perf_counter()
-                result = self.train_step()
-                if result is None:
+                stepped = self.train_step()
+                if stepped is None:
                     continue  # skipped: the step number is that of applied updates
-                loss, terms, data_wait = result
+                loss, terms, data_wait = stepped
                 self.step += 1
                 record = {"step": self.step, "loss": loss.item(),
                           **{f"loss/{k}": v.item() for k, v in terms.items()},
