@@ -126,7 +126,10 @@ def build_teacher(plan: StagePlan, job_seed: int, placement: Placement):
     torch.manual_seed(job_seed)
     if not placement.sharded:
         model = recipe.family.create(recipe)
+        state = recipe.family.adapt_state_keys(model, state)
         removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
+        if removed:
+            log.info("teacher pruned after its deepest tap: removed %s", _short(removed))
         load_weights(model, state, recipe.weights, ignore=removed)
         del state
         from deepspeed.accelerator import get_accelerator

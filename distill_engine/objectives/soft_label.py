@@ -4,7 +4,7 @@ classifiers with the same classes, images or text (no shared vocabulary is neede
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -42,6 +42,9 @@ class SoftLabelConfig(ObjectiveConfig):
                                description="weight of the labels' cross-entropy (paper: 0)")
     student_tap: str = Field("output", description="the student's logits [B, classes]")
     teacher_tap: str = Field("output", description="the teacher's logits [B, classes]")
+    # The student's classifier learns the teacher's class distribution: its accuracy is the
+    # stage's measure (Well-Read Students scores the distilled student directly).
+    trains_classifier: ClassVar[bool] = True
 
     def student_taps(self) -> list[str]:
         return [self.student_tap]
