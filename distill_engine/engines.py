@@ -126,11 +126,7 @@ def build_teacher(plan: StagePlan, job_seed: int, placement: Placement):
     torch.manual_seed(job_seed)
     if not placement.sharded:
         model = recipe.family.create(recipe)
-        state = recipe.family.adapt_state_keys(model, state)
-        removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
-        if removed:
-            log.info("teacher pruned after its deepest tap: removed %s", _short(removed))
-        load_weights(model, state, recipe.weights, ignore=removed)
+        _prune_and_load(model, plan, state)
         del state
         from deepspeed.accelerator import get_accelerator
         model.to(device=get_accelerator().current_device_name(), dtype=dtype)
@@ -144,11 +140,7 @@ def build_teacher(plan: StagePlan, job_seed: int, placement: Placement):
                        bf16={"enabled": dtype == torch.bfloat16})
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = recipe.family.create(recipe)
-    state = recipe.family.adapt_state_keys(model, state)
-    removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
-    if removed:
-        log.info("teacher pruned after its deepest tap: removed %s", _short(removed))
-    load_weights(model, state, recipe.weights, ignore=removed)
+    _prune_and_load(model, plan, state)
     del state
     model.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=TeacherModel(model, recipe.family), config=config)
@@ -158,6 +150,17 @@ def build_teacher(plan: StagePlan, job_seed: int, placement: Placement):
     engine.module.attach_taps(plan.teacher_taps)
     engine.eval()
     return engine, dtype
+
+
+def _prune_and_load(model: nn.Module, plan: StagePlan, state: dict[str, torch.Tensor]) -> None:
+    """The teacher cut after its deepest tap, then its weights (keys as its family names
+    them) loaded into what is left, whether replicated or partitioned."""
+    recipe = plan.teacher
+    state = recipe.family.adapt_state_keys(model, state)
+    removed = tracing.prune_after(model, plan.models.teacher_trace, plan.teacher_taps)
+    if removed:
+        log.info("teacher pruned after its deepest tap: removed %s", _short(removed))
+    load_weights(model, state, recipe.weights, ignore=removed)
 
 
 def shard_counts(model: nn.Module) -> tuple[int, int]:
