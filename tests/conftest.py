@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
-from helpers import pack_digits  # noqa: E402
+from helpers import DIGITS_TEACHER, pack_digits  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +15,15 @@ def digits_shards(tmp_path_factory) -> Path:
     (389), split by key with seed 0. Tests read them and never write there."""
     out = tmp_path_factory.mktemp("digits")
     return pack_digits(out, "--holdout", "0.2", "--seed", "0", "--max-samples-per-shard", "250")
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory) -> Path:
+    """Weights of the digits FD teacher (helpers.DIGITS_TEACHER, seed 0), saved once."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", **DIGITS_TEACHER).state_dict(), str(path))
+    return path

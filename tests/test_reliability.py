@@ -60,15 +60,6 @@ def corrupt_digits(digits, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    import timm
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file(timm.create_model("vit_tiny_patch16_224", **TEACHER).state_dict(), str(path))
-    return path
-
-
 def job(run_dir: Path, train: Path, teacher: Path) -> dict:
     """A tiny Feature Distillation job: checkpoints at steps 2, 4 and 6."""
     return {

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill_engine.checkpoints import tag_of
 from helpers import ROOT, StartedJob, check_in_process, env, run_deepspeed, write_spec
 from test_reliability import (all_finite, checkpoint_weights, complete, job, records,
                               steps_logged)
@@ -31,22 +32,6 @@ LONG = 5000  # steps: a budget no launch here reaches; each is stopped by a sign
 @pytest.fixture(scope="module")
 def digits(digits_shards) -> Path:
     return digits_shards / "train"
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    import timm
-    from safetensors.torch import save_file
-
-    from helpers import DIGITS_TEACHER
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file(timm.create_model("vit_tiny_patch16_224", **DIGITS_TEACHER).state_dict(), str(path))
-    return path
-
-
-def tag(step: int) -> str:
-    return f"step{step:08d}"
 
 
 def wait_for_step(stage: Path, step: int, started: StartedJob, timeout: float = 300) -> None:
@@ -103,8 +88,8 @@ def test_signals_end_in_one_checkpoint_and_a_second_launch_is_refused(digits, te
     step = steps_logged(stage)[-1]
     [line] = stop_lines(first.output)
     assert "SIGTERM" in line and f"finished step {step}" in line, line
-    assert f"saved checkpoint {tag(step)} (complete)" in line, line
-    assert complete(checkpoints) == [tag(step)]  # nothing lost: the last step logged is saved
+    assert f"saved checkpoint {tag_of(step)} (complete)" in line, line
+    assert complete(checkpoints) == [tag_of(step)]  # nothing lost: the last step logged is saved
 
     # 3. A lock left by a job that was SIGKILLed (flock released, holder still written) is
     # taken over with a note; Ctrl-C (SIGINT to the group) stops this run the same way.
@@ -121,7 +106,7 @@ def test_signals_end_in_one_checkpoint_and_a_second_launch_is_refused(digits, te
     show("SIGINT to the process group", code, seconds, again.output)
     assert code != 0 and orphans == [], orphans
     assert "note: took over the lock" in again.output and "node-that-died, pid 4242" in again.output
-    assert f"resumed from {tag(step)}" in again.output
+    assert f"resumed from {tag_of(step)}" in again.output
     # No rank prints a traceback. The one KeyboardInterrupt traceback in the output is the
     # deepspeed runner's own: DeepSpeed 0.19.8's runner.py has no SIGINT handler on one
     # node and is interrupted in its result.wait().
@@ -131,7 +116,7 @@ def test_signals_end_in_one_checkpoint_and_a_second_launch_is_refused(digits, te
         assert "launcher/runner.py" in again.output and "result.wait()" in again.output
     step2 = steps_logged(stage)[-1]
     [line] = stop_lines(again.output)
-    assert "SIGINT" in line and f"saved checkpoint {tag(step2)} (complete)" in line, line
+    assert "SIGINT" in line and f"saved checkpoint {tag_of(step2)} (complete)" in line, line
 
     # 4. SIGTERM to the deepspeed runner alone: the ranks see it go, save, and exit; the
     # launcher follows. Nothing is left running.
@@ -146,8 +131,8 @@ def test_signals_end_in_one_checkpoint_and_a_second_launch_is_refused(digits, te
     assert code != 0 and orphans == [], orphans
     step3 = steps_logged(stage)[-1]
     [line] = stop_lines(third.output)
-    assert "the deepspeed runner" in line and f"saved checkpoint {tag(step3)}" in line, line
-    assert complete(checkpoints) == [tag(step2), tag(step3)]
+    assert "the deepspeed runner" in line and f"saved checkpoint {tag_of(step3)}" in line, line
+    assert complete(checkpoints) == [tag_of(step2), tag_of(step3)]
     # Every step was logged exactly once across the three runs: none lost, none repeated.
     assert steps_logged(stage) == list(range(1, step3 + 1))
     assert (run_dir / ".lock").read_text() == ""  # released
@@ -164,15 +149,15 @@ def test_checkpoints_that_do_not_verify_are_passed_over(digits, teacher_file, tm
     stage, checkpoints = run_dir / "fd", run_dir / "fd" / "checkpoints"
     result = run_deepspeed(spec_file, "--stop-after", "6", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert complete(checkpoints) == [tag(2), tag(4), tag(6)]
+    assert complete(checkpoints) == [tag_of(2), tag_of(4), tag_of(6)]
     before = records(stage)
 
     # Step 6: rank 0's model file cut to half. Step 4: 64 bytes in the middle of rank 1's
     # optimizer file overwritten (same size: only the checksum can tell).
-    truncated = checkpoints / tag(6) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    truncated = checkpoints / tag_of(6) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     size = truncated.stat().st_size
     truncated.write_bytes(truncated.read_bytes()[:size // 2])
-    overwritten = checkpoints / tag(4) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    overwritten = checkpoints / tag_of(4) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(overwritten.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
@@ -184,16 +169,16 @@ def test_checkpoints_that_do_not_verify_are_passed_over(digits, teacher_file, tm
                     if "does not verify" in l or "resumed from" in l))
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output
-    assert f"checkpoint {checkpoints / tag(6)} does not verify" in output
+    assert f"checkpoint {checkpoints / tag_of(6)} does not verify" in output
     assert f"{truncated} has {size // 2:,} bytes, {size:,} when it was saved" in output
     assert f"{overwritten} does not match its checksum" in output
-    assert f"resumed from {tag(2)}" in output
+    assert f"resumed from {tag_of(2)}" in output
     # The resume is exact (step 3 as before), every step logged once, and the newest
     # verified checkpoints are complete and finite; the damaged tags are gone.
     assert records(stage)[3]["loss"] == pytest.approx(before[3]["loss"], rel=1e-6)
     assert steps_logged(stage) == list(range(1, 9))
-    assert complete(checkpoints) == [tag(4), tag(6), tag(8)]
-    assert all_finite(checkpoint_weights(checkpoints, tag(8)))
+    assert complete(checkpoints) == [tag_of(4), tag_of(6), tag_of(8)]
+    assert all_finite(checkpoint_weights(checkpoints, tag_of(8)))
     assert not list(checkpoints.glob("*.corrupt"))
 
 
@@ -307,12 +292,12 @@ def test_one_process_without_the_launcher_and_resuming_at_another_world_size(
     result = run_deepspeed(spec_file, "--stop-after", "3", timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "saved at 1 ranks, resumed at 2" in output and f"resumed from {tag(3)}" in output
+    assert "saved at 1 ranks, resumed at 2" in output and f"resumed from {tag_of(3)}" in output
     # 2 -> 1 rank: steps 7-9, to the end.
     result = one_process(spec_file)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "saved at 2 ranks, resumed at 1" in output and f"resumed from {tag(6)}" in output
+    assert "saved at 2 ranks, resumed at 1" in output and f"resumed from {tag_of(6)}" in output
 
     losses = {step: r["loss"] for step, r in records(stage).items()}
     lrs = [records(stage)[step]["lr"] for step in range(3, 10)]  # past the warm-up
@@ -326,7 +311,7 @@ def test_one_process_without_the_launcher_and_resuming_at_another_world_size(
     # The schedule carried over: cosine decay without a restart (no warm-up again).
     assert all(later < earlier for earlier, later in zip(lrs, lrs[1:])), lrs
     # So did Adam: its step count is that of the whole stage.
-    assert adam_steps(checkpoints / tag(9)) == {9}
+    assert adam_steps(checkpoints / tag_of(9)) == {9}
     assert (stage / "export" / "metrics.json").is_file()
 
 
