@@ -7,7 +7,6 @@ losses); nothing calls into a partitioned model from outside.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from typing import Any
@@ -48,13 +47,6 @@ def resolve_dtype(choice: str) -> torch.dtype:
 
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
-
-
-def partitioned_build(config: dict[str, Any]):
-    """``zero.Init`` (each rank allocates only its shard) under ZeRO-3, else nothing."""
-    import deepspeed
-    return (deepspeed.zero.Init(config_dict_or_path=config) if zero_stage(config) == 3
-            else contextlib.nullcontext())
 
 
 def ds_config(path, overrides: dict[str, Any], defaults: dict[str, Any] | None = None,
@@ -279,11 +271,13 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
     )
     torch.manual_seed(job_seed)
     family = recipe.family
-    # Only ZeRO-3 partitions parameters, so only ZeRO-3 builds under zero.Init; ZeRO-0/1/2
-    # engines expect whole parameters (a partitioned one is an empty tensor to them).
-    with partitioned_build(config):
-        model = family.create(recipe, stage.student.drop_path_rate, stage.student.drop_path_schedule)
-        objectives = [build_objective(o, plan.models.tap_shapes) for o in stage.objectives]
+    # Built whole on every rank (same seed, same weights), whatever the placement: under
+    # zero.Init, layers would be partitioned before the family's own initialisation runs
+    # (timm's finds empty tensors and leaves torch's defaults), so a student's start would
+    # depend on where its states live. ZeRO-3 partitions it in deepspeed.initialize; the
+    # cost is the student's whole fp32 weights on each rank once, a fraction of its states.
+    model = family.create(recipe, stage.student.drop_path_rate, stage.student.drop_path_schedule)
+    objectives = [build_objective(o, plan.models.tap_shapes) for o in stage.objectives]
     if plan.student_init is not None:
         state = family.adapt_state_keys(model, weights.read_state_dict(plan.student_init))
         fresh = weights.fresh_head_keys(weights.expected_shapes(model),

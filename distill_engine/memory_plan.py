@@ -274,7 +274,7 @@ def student_model_states(params: int, largest_layer: int, s: Settings) -> tuple[
             from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
             _, device, _ = estimate_zero3_model_states_mem_needs(
                 params, largest_layer, num_gpus_per_node=per_node, num_nodes=nodes,
-                cpu_offload=s.offload_optimizer, cpu_offload_params=False, zero_init=True)
+                cpu_offload=s.offload_optimizer, cpu_offload_params=False, zero_init=False)
             return device, "DeepSpeed estimate_zero3_model_states_mem_needs"
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
         _, device = estimate_zero2_model_states_mem_needs(
