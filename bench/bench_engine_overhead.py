@@ -4,10 +4,13 @@ student; the real engines, ``StageTrainer.train_step``) against
 
 - a bare PyTorch loop computing the identical step: same teacher (weights, pruned to its
   tap), same student (same initial weights), same FD objective and projection head, same
-  AdamW and gradient clipping, same batch and dtype (goal >= 0.95);
+  AdamW (fused, as the engine configures it) and gradient clipping, same batch and dtype
+  (goal >= 0.95);
+- the same bare loop with torch's default (foreach) AdamW: what the fused kernel saves;
 - timm 1.0.31's ``timm.task.distillation.FeatureDistillationTask`` on the same teacher,
-  student, batch, dtype, AdamW and clipping, driven as timm's train script drives it
-  (``task(input, target)``, backward, clip, step). Its loss differs in shape: MSE between
+  student, batch, dtype and clipping, driven as timm's train script drives it
+  (``task(input, target)``, backward, clip, step) with the AdamW its ``--opt adamw`` gives
+  (``torch.optim.AdamW``, torch's default foreach kernels). Its loss differs in shape: MSE between
   the pooled pre-logits (plus a cross-entropy term), where FD matches whole token maps
   (goal >= 1.0);
 - with ``--compile``, the same engine after DeepSpeed's ``engine.compile()`` of the student.
@@ -36,11 +39,11 @@ TEACHER = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes
 STUDENT = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=1000)
 
 
-def bare_step_fn(plan, images):
+def bare_step_fn(plan, images, fused: bool = True):
     """The same FD step in plain PyTorch: no DeepSpeed, no hooks of ours but one tap."""
     import timm
     import torch
-    from distill_engine.engines import param_groups
+    from distill_engine.engines import fused_adamw_available, param_groups
     from distill_engine.tracing import prune_after
     from distill_engine.weights import read_state_dict
     from distill_engine.objectives import build_objective
@@ -58,7 +61,8 @@ def bare_step_fn(plan, images):
     holder.family = plan.student.family
     opt = stage.optimisation
     optimizer = torch.optim.AdamW(param_groups(holder, opt.weight_decay), lr=plan.lr,
-                                  betas=opt.betas, eps=opt.eps)
+                                  betas=opt.betas, eps=opt.eps,
+                                  fused=fused and fused_adamw_available())
     tap = stage.objectives[0].student_tap
 
     def step():
@@ -132,6 +136,7 @@ def main() -> None:
     images = next(batches)["image"]
     engine = common.engine_trainer(job, plan, batches)
     sides = {"engine": engine.train_step, "bare": bare_step_fn(plan, images),
+             "bare, foreach AdamW": bare_step_fn(plan, images, fused=False),
              "timm task": timm_task_step_fn(plan, images)}
     if args.compile:
         compiled = common.engine_trainer(job, plan, common.fixed_batches(args.batch, args.size))
