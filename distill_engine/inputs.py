@@ -15,6 +15,10 @@ import torch
 
 # Entries shared by every role, looked up when a batch has no entry of the role's own.
 SHARED_INPUTS = ("image", "tokens")
+# Where an objective that replaces the student's entry (masked language modelling) keeps the
+# entry it replaced, so that an objective needing the whole input (hidden-state matching)
+# finds it whatever the order of the objectives.
+ORIGINAL_STUDENT = "student/original"
 
 
 def model_inputs(batch: dict[str, Any], role: str) -> Any:
@@ -26,6 +30,11 @@ def model_inputs(batch: dict[str, Any], role: str) -> Any:
             return batch[shared]
     raise KeyError(f"the batch has no input for the {role}: it holds {sorted(batch)}, "
                    f"expected {role!r} or one of {list(SHARED_INPUTS)}")
+
+
+def original_student_inputs(batch: dict[str, Any]) -> Any:
+    """The student's input before any objective's ``prepare`` replaced it."""
+    return batch[ORIGINAL_STUDENT] if ORIGINAL_STUDENT in batch else model_inputs(batch, "student")
 
 
 def to_model(inputs: Any, device: torch.device | str, dtype: torch.dtype) -> Any:

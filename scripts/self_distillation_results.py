@@ -1,10 +1,12 @@
-"""The held-out accuracies of a jobs/self_distillation.yaml run as a Markdown table (one
-column per fine-tuning seed), and whether self-distillation beat both baselines.
+"""The held-out accuracies of a self-distillation run as a Markdown table (one column per
+fine-tuning seed), and whether self-distillation beat both baselines: jobs/self_distillation.yaml
+(images) and jobs/self_distillation_text.yaml (text) name their fine-tunings alike.
 
     python scripts/self_distillation_results.py runs/self-distillation 0 1 2
+    python scripts/self_distillation_results.py runs/self-distillation-text 0
 
 Seed 0 is the job's own fine-tuning stages; seed k the same stages named ``NAME_seedk``
-(scripts/self_distillation.sh runs them with ``data.seed: k``).
+(scripts/self_distillation.sh and self_distillation_text.sh run them with ``data.seed: k``).
 """
 
 import json

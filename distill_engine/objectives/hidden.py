@@ -12,10 +12,10 @@ noise (``families.masking``); a ViT or BERT model never masks, and is called as 
 The taps may be any module that outputs [B, N, D] tokens (ViTMAE / ViT ``vit.layernorm``,
 BERT's ``encoder``, whose output record stands for its last hidden state).
 
-With a masking objective that replaces the student's tokens in the batch (masked language
-modelling), list ``hidden`` first, so that it records the student's input before it is
-masked; ``mae`` leaves the pixels as they are (the model masks them), so the order does not
-matter there.
+A masking objective that replaces the student's tokens in the batch (masked language
+modelling) keeps the tokens it replaced (``inputs.ORIGINAL_STUDENT``), and ``hidden`` reads
+those, so the objectives may come in either order; ``mae`` leaves the pixels as they are (the
+model masks them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from ..families.masking import MASK_RATIO, masks_inside
-from ..inputs import model_inputs, to_model
+from ..inputs import model_inputs, original_student_inputs, to_model
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
 # Where prepare() keeps the student's unmasked input for the second pass.
@@ -116,7 +116,7 @@ class HiddenStateMatching(Objective):
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         return {**batch,
-                UNMASKED_STUDENT: unmasked(model_inputs(batch, "student"),
+                UNMASKED_STUDENT: unmasked(original_student_inputs(batch),
                                            self.masks_inside["student"]),
                 "teacher": unmasked(model_inputs(batch, "teacher"), self.masks_inside["teacher"])}
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..inputs import model_inputs
+from ..inputs import ORIGINAL_STUDENT, model_inputs
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
 IGNORE = -100  # the label of a position that is not predicted (cross_entropy's ignore_index)
@@ -95,8 +95,10 @@ class MaskedLM(Objective):
             special |= inputs["attention_mask"] == 0
         corrupted, labels = mlm_mask(ids, special, self.mask_token_id, self.vocab_size, generator,
                                      self.config.probability)
-        # The student's own entry: a teacher reading the shared "tokens" still sees the text.
-        return {**batch, "student": {**inputs, "input_ids": corrupted}, LABELS: labels}
+        # The student's own entry: a teacher reading the shared "tokens" still sees the text,
+        # and the entry replaced stays in the batch for objectives that need it (hidden).
+        return {**batch, ORIGINAL_STUDENT: batch.get(ORIGINAL_STUDENT, inputs),
+                "student": {**inputs, "input_ids": corrupted}, LABELS: labels}
 
     def forward(self, student_taps, teacher_taps, batch, student=None):
         return mlm_loss(student_taps[self.config.student_tap], batch[LABELS])
