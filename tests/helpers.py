@@ -255,6 +255,19 @@ def tiny_text_jsonl(path: Path, count: int, seed: int, labelled: bool = True) ->
     return path
 
 
+def tiny_text_splits(data: Path, splits: dict[str, tuple[int, int, bool]],
+                     samples_per_shard: int = 200) -> Path:
+    """Packs one shard folder per split, ``{name: (count, seed, labelled)}``, under ``data``
+    (each from ``tiny_text_jsonl``, kept beside it as NAME.jsonl)."""
+    from data_shards import pack
+    data.mkdir(parents=True, exist_ok=True)
+    for name, (count, seed, labelled) in splits.items():
+        tiny_text_jsonl(data / f"{name}.jsonl", count, seed, labelled)
+        pack(str(data / f"{name}.jsonl"), data / name, max_samples_per_shard=samples_per_shard,
+             workers=1, progress=False)
+    return data
+
+
 def tiny_tokenizer(directory: Path, extra_words: list[str] = ()) -> Path:
     """A BERT-style fast tokenizer ([CLS] text [SEP], [PAD] 0, [MASK]) over the tiny text's
     words, saved with save_pretrained: what a tokenizer directory in a spec holds."""

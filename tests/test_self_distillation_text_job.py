@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_shards import pack
-from helpers import ROOT, env, run_deepspeed, tiny_text_jsonl, tiny_tokenizer, write_spec
+from helpers import ROOT, env, run_deepspeed, tiny_text_splits, tiny_tokenizer, write_spec
 from test_self_distillation_text import bert_encoder_dir, load_script
 
 pytestmark = pytest.mark.distributed
@@ -27,13 +26,9 @@ ORIGINS = {"finetune_selfdist": "selfdist", "finetune_further": "further",
 
 def small_job(work: Path) -> dict:
     """The job's own stages, its paths pointing at toy data and a tiny initial model."""
-    data = work / "data"
-    data.mkdir()
-    for name, count, seed, labelled in (("labelled", 200, 0, True), ("transfer", 300, 1, False),
-                                        ("test", 100, 2, True)):
-        tiny_text_jsonl(data / f"{name}.jsonl", count, seed, labelled)
-        pack(str(data / f"{name}.jsonl"), data / name, max_samples_per_shard=200, workers=1,
-             progress=False)
+    data = tiny_text_splits(work / "data", {"labelled": (200, 0, True),
+                                            "transfer": (300, 1, False),
+                                            "test": (100, 2, True)})
     tokenizer = tiny_tokenizer(data / "tokenizer")
     load_script().initial_mlm_model(bert_encoder_dir(work / "encoder", 64), work / "initial")
     text = (ROOT / "jobs" / "self_distillation_text.yaml").read_text()

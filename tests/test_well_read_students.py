@@ -12,8 +12,7 @@ import pytest
 import torch
 import yaml
 
-from data_shards import pack
-from helpers import ROOT, run_deepspeed, tiny_text_jsonl, tiny_tokenizer, write_spec
+from helpers import ROOT, run_deepspeed, tiny_text_splits, tiny_tokenizer, write_spec
 
 pytestmark = pytest.mark.distributed
 
@@ -23,13 +22,9 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
 
 def small_recipe(tmp_path: Path) -> dict:
     """The recipe's own stages, on toy data and models, with few steps."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, count, seed, labelled in (("labelled", 400, 0, True), ("transfer", 600, 1, False),
-                                        ("test", 200, 2, True)):
-        tiny_text_jsonl(data / f"{name}.jsonl", count, seed, labelled)
-        pack(str(data / f"{name}.jsonl"), data / name, max_samples_per_shard=200, workers=1,
-             progress=False)
+    data = tiny_text_splits(tmp_path / "data", {"labelled": (400, 0, True),
+                                                 "transfer": (600, 1, False),
+                                                 "test": (200, 2, True)})
     tokenizer = tiny_tokenizer(data / "tokenizer")
     spec = yaml.safe_load((ROOT / "jobs" / "well_read_students.yaml").read_text())
     spec["run_dir"] = str(tmp_path / "run")
