@@ -9,40 +9,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-bash scripts/bootstrap.sh
-VENV=${VENV:-.venv}
-. "$VENV/bin/activate"
-export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's code, also in launched ranks
+. scripts/common.sh
+setup_venv
 SPEC=jobs/self_distillation_text.yaml
 RUN=runs/self-distillation-text
 DATA=data/well_read
-if [ ! -f "$DATA/test/index.json" ]; then
-  python scripts/text_data.py --out "$DATA"
-  for split in labelled transfer test; do
-    python -m data_shards pack "$DATA/$split.jsonl" --out "$DATA/$split" --max-samples-per-shard 500 --no-progress
-  done
-fi
+text_splits "$DATA"
 [ -f data/selfdist_text/initial/model.safetensors ] \
   || python scripts/initial_mlm_model.py "$DATA/minilm" data/selfdist_text/initial --seed 0
 
-run_job() {
-  local port=$((29500 + RANDOM % 2000)) status=0
-  deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "$port" launch/run.py \
-    --spec "$SPEC" --set run_dir="$RUN" "$@" || status=$?
-  # DeepSpeed's CPU all-reduce leaves a buffer per rank in /dev/shm; remove ours.
-  rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${port}"_* 2>/dev/null || true
-  return "$status"
-}
-
-run_job "$@"                                 # all stages; fine-tuning with data seed 0
-for seed in ${FINETUNE_SEEDS-}; do           # the pre-training stages are done: skipped
-  sets=()
-  for stage in 2 3 4; do
-    name=$(python -c "import yaml; print(yaml.safe_load(open('$SPEC'))['stages'][$stage]['name'])")
-    sets+=(--set "stages.$stage.name=${name}_seed$seed" --set "stages.$stage.data.seed=$seed")
-  done
-  run_job "${sets[@]}" "$@"
+launch_job --spec "$SPEC" --set run_dir="$RUN" "$@"   # all stages; fine-tuning with data seed 0
+for seed in ${FINETUNE_SEEDS-}; do                     # the pre-training stages are done: skipped
+  reseeded_stages "$SPEC" "$seed" 2 3 4
+  launch_job --spec "$SPEC" --set run_dir="$RUN" "${RESEEDED[@]}" "$@"
 done
 echo "self_distillation_text.sh: $(( $(date +%s) - started )) s in all"
 python scripts/self_distillation_results.py "$RUN" 0 ${FINETUNE_SEEDS-} | tee "$RUN/results.md"

@@ -1,0 +1,43 @@
+# Sourced by the job scripts (quickstart.sh, well_read_students.sh, self_distillation*.sh):
+# one set-up and one launch for all of them. Run from the repository root.
+
+# The venv (made, or reused, by bootstrap.sh) and the environment every rank inherits.
+setup_venv() {
+  export VENV=${VENV:-.venv}
+  bash scripts/bootstrap.sh
+  . "$VENV/bin/activate"
+  export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's code, also in launched ranks
+}
+
+# launch/run.py with ARGS on NUM_RANKS (default 2) local ranks; returns the job's status.
+launch_job() {
+  local port=$((29500 + RANDOM % 2000)) status=0
+  deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "$port" launch/run.py "$@" || status=$?
+  # DeepSpeed's CPU all-reduce leaves a buffer per rank in /dev/shm; remove ours.
+  rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${port}"_* 2>/dev/null || true
+  return "$status"
+}
+
+# VADER's sentence splits under DIR (scripts/text_data.py), written and packed once.
+text_splits() {
+  local data=$1
+  [ -f "$data/test/index.json" ] && return 0
+  python scripts/text_data.py --out "$data"
+  for split in labelled transfer test; do
+    python -m data_shards pack "$data/$split.jsonl" --out "$data/$split" \
+      --max-samples-per-shard 500 --no-progress
+  done
+}
+
+# Fills RESEEDED with the --set arguments that run SPEC's stages STAGE... again under data
+# seed SEED, as new stages NAME_seedSEED (the stages before them are done and skipped).
+reseeded_stages() {
+  local spec=$1 seed=$2 stage name
+  shift 2
+  RESEEDED=()
+  for stage in "$@"; do
+    name=$(python -c "import yaml; print(yaml.safe_load(open('$spec'))['stages'][$stage]['name'])")
+    RESEEDED+=(--set "stages.$stage.name=${name}_seed$seed" --set "stages.$stage.data.seed=$seed")
+  done
+}
