@@ -17,8 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from helpers import (DIGITS_STUDENT, DIGITS_TEACHER, ROOT, VENV_BIN, env, free_port,
                      run_deepspeed, write_spec)
@@ -59,12 +57,8 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, digits_shards) -> dict:
-    import timm
+def runs(tmp_path_factory, digits_shards, teacher_file) -> dict:
     work = tmp_path_factory.mktemp("multinode")
-    torch.manual_seed(0)
-    save_file(timm.create_model("vit_tiny_patch16_224", **DIGITS_TEACHER).state_dict(),
-              str(work / "teacher.safetensors"))
 
     def spec(run_dir: Path) -> Path:
         return write_spec(run_dir.with_suffix(".yaml"), {
@@ -77,7 +71,7 @@ def runs(tmp_path_factory, digits_shards) -> dict:
             "stages": [{
                 "name": "fd",
                 "teacher": {"arch": "timm:vit_tiny_patch16_224", "kwargs": DIGITS_TEACHER,
-                            "weights": str(work / "teacher.safetensors"), "dtype": "fp32"},
+                            "weights": str(teacher_file), "dtype": "fp32"},
                 "student": {"arch": "timm:vit_tiny_patch16_224", "kwargs": DIGITS_STUDENT,
                             "dtype": "fp32"},
                 "objectives": [{"kind": "feature", "student_tap": "norm", "teacher_tap": "norm"}],

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from helpers import DIGITS_STUDENT, DIGITS_TEACHER, ROOT, run_deepspeed, write_spec
 
@@ -29,14 +27,10 @@ def stage_name(config: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def placements_run(tmp_path_factory, digits_shards) -> tuple[Path, str]:
-    import timm
+def placements_run(tmp_path_factory, digits_shards, teacher_file) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("placements")
-    torch.manual_seed(0)
-    save_file(timm.create_model("vit_tiny_patch16_224", **DIGITS_TEACHER).state_dict(),
-              str(work / "teacher.safetensors"))
     teacher = {"arch": "timm:vit_tiny_patch16_224", "kwargs": DIGITS_TEACHER,
-               "weights": str(work / "teacher.safetensors"), "dtype": "fp32"}
+               "weights": str(teacher_file), "dtype": "fp32"}
     student = {"arch": "timm:vit_tiny_patch16_224", "kwargs": DIGITS_STUDENT, "dtype": "fp32"}
     fd = [{"kind": "feature", "student_tap": "norm", "teacher_tap": "norm"}]
     # Explicit configs with the sharded teacher; auto (a replicated teacher, ZeRO-1 at 2
