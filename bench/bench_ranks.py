@@ -6,7 +6,9 @@ each figure is the median step time after 2 warm-up steps.
 
 On this machine the 2 "ranks" are 2 processes on the same 2 CPU cores: the ratio says what
 splitting the batch costs here (communication through gloo / shared memory, two processes
-with one core each instead of one with two), not what a second GPU or node would give.
+of two threads each on two cores, the launcher binding no cores), not what a second GPU or
+node would give. Run it on an idle machine: Linux shares CPU time per thread, so under load
+the 2-rank launch draws a larger share and the ratio measures the scheduler.
 
     python bench/bench_ranks.py [--rounds 2 --steps 8]
 """
@@ -62,9 +64,10 @@ def main() -> None:
             f"| 2 | {GLOBAL_BATCH // 2} | {', '.join(f'{m:.2f}' for m in medians[2])} | "
             f"{GLOBAL_BATCH / two:.2f} |\n\n"
             f"**samples/s at 2 ranks / at 1 rank: {ratio:.3f}**. Both ranks share the same 2 "
-            f"cores, so this is the cost of splitting one batch across processes here (gradient "
-            f"all-reduce, two processes of one core each against one process of two), not the "
-            f"speed-up a second GPU or node gives; that needs real devices.")
+            f"cores, so this is the cost of splitting one batch across processes here (half "
+            f"batches, two processes of two torch threads each on two cores, the gradient "
+            f"all-reduce), not the speed-up a second GPU or node gives; that needs real devices. "
+            f"On a machine shared with other jobs it measures the scheduler's share instead.")
     print(body)
     if not args.no_record:
         common.record("2 ranks against 1", body)
