@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    from distill_engine.memory_plan import plan_stage
+    from distill_engine.planning.placement import memory_report
     common.init_distributed()
     trainers, planned = {}, {}
     for name, checkpointing in (("off", False), ("on", True)):
@@ -37,7 +37,7 @@ def main() -> None:
                             checkpointing=checkpointing)
         trainers[name] = common.engine_trainer(job, job.stages[0],
                                                common.fixed_batches(args.batch, 224))
-        planned[name] = {l.what: l.bytes for l in plan_stage(job.stages[0], 1, None, False).lines}
+        planned[name] = {l.what: l.bytes for l in memory_report(job.stages[0], 1, None, False).lines}
         trainers[name].train_step()  # warm-up: optimizer states exist before measuring
     seconds = {"off": [], "on": []}
     peaks = {"off": [], "on": []}

@@ -41,13 +41,14 @@ STUDENT = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=
 
 def bare_step_fn(plan, images, fused: bool = True):
     """The same FD step in plain PyTorch: no DeepSpeed, no hooks of ours but one tap."""
-    import timm
     import torch
-    from distill_engine.engines import fused_adamw_available, param_groups
-    from distill_engine.tracing import prune_after
-    from distill_engine.weights import read_state_dict
+
+    from distill_engine.accelerator import fused_adamw_available
+    from distill_engine.modeling.tracing import prune_after
     from distill_engine.objectives import build_objective
     from distill_engine.objectives.feature import feature_distillation_loss  # noqa: F401
+    from distill_engine.training.engines import param_groups
+    from distill_engine.weights import read_state_dict
     stage = plan.spec
     teacher = plan.teacher.family.create(plan.teacher)
     teacher.load_state_dict(read_state_dict(plan.teacher.weights))
@@ -86,6 +87,7 @@ def timm_task_step_fn(plan, images):
     """timm's FeatureDistillationTask on the same models, as timm's train script runs it."""
     import torch
     from timm.task.distillation import DistillationTeacher, FeatureDistillationTask
+
     from distill_engine.weights import read_state_dict
     teacher = plan.teacher.family.create(plan.teacher)
     teacher.load_state_dict(read_state_dict(plan.teacher.weights))

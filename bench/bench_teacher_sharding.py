@@ -33,7 +33,7 @@ STUDENT_KWARGS = {"vit_giant_patch14_224": {"patch_size": 14}}
 
 
 def measure(teacher: str, ranks: int, batch: int, forwards: int, compare_bare: bool) -> list[dict]:
-    from distill_engine.memory_plan import plan_stage
+    from distill_engine.planning.placement import memory_report
     student, tap = TEACHERS[teacher]
     work = Path(tempfile.mkdtemp(prefix=f"bench_shard_{teacher}_"))
     job = common.fd_job(work, {}, STUDENT_KWARGS.get(teacher, {}), batch=batch, size=224,
@@ -43,7 +43,7 @@ def measure(teacher: str, ranks: int, batch: int, forwards: int, compare_bare: b
     rows = common.measure_memory(work / "job.yaml", ranks=ranks, steps=forwards,
                                  teacher_only=True, random_teacher=True,
                                  compare_bare=compare_bare, timeout=900)
-    memory = plan_stage(job.stages[0], ranks)
+    memory = memory_report(job.stages[0], ranks)
     planned = {l.what: l.bytes for l in memory.lines}
     for row in rows:
         row["planned"] = planned["teacher shard"] + planned["teacher activations"]

@@ -134,7 +134,7 @@ def fd_job(work: Path, teacher: dict[str, Any], student: dict[str, Any], *, batc
     import yaml
     from safetensors.torch import save_file
 
-    from distill_engine.plan import load_plan
+    from distill_engine.planning.load import load_plan
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "teacher.safetensors"
     if teacher_weights and not weights.exists() and teacher is not None:
@@ -198,6 +198,7 @@ def record(title: str, body: str, command: str | None = None) -> None:
 def fixed_batches(batch: int, size: int, seed: int = 0):
     """The same random image batch forever: the engine, not the data, is measured."""
     import itertools
+
     import torch
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(batch) % 2  # for objectives that read labels (cross_entropy)
@@ -207,7 +208,7 @@ def fixed_batches(batch: int, size: int, seed: int = 0):
 def engine_trainer(job, plan, batches):
     """A StageTrainer with the real engines (as ``setup`` builds them) fed ``batches``
     instead of a shard stream."""
-    from distill_engine.trainer import StageTrainer
+    from distill_engine.training.trainer import StageTrainer
     trainer = StageTrainer(job, plan)
     trainer.build_engines(total_steps=1000, warmup_steps=0)
     trainer.batches = batches

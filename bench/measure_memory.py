@@ -21,13 +21,14 @@ def random_teacher(plan):
     with the model's random initialisation."""
     import deepspeed
     import torch
-    import torch.distributed as dist
-    from distill_engine.engines import TeacherModel, ds_config, resolve_dtype
-    from distill_engine.placement import place
-    from distill_engine.tracing import prune_after
+
+    from distill_engine.accelerator import resolve_dtype
+    from distill_engine.modeling.tracing import prune_after
+    from distill_engine.training.engines import ds_config
+    from distill_engine.training.models import TeacherModel
     stage = plan.spec
     dtype = resolve_dtype(stage.teacher.dtype)
-    placement = place(plan, dist.get_world_size()).teacher
+    placement = plan.placement.teacher
     assert placement.sharded, "measure a sharded teacher: name its config in the job"
     config = ds_config(placement.config, stage.deepspeed.teacher_overrides, placement.defaults,
                        train_micro_batch_size_per_gpu=stage.data.micro_batch_size,
@@ -46,7 +47,8 @@ def alternate_with_bare(plan, teacher, images, pairs: int) -> dict[str, list[flo
     """Seconds per forward of the teacher engine and of the same (pruned) model as a plain
     module in the same dtype, alternating step by step."""
     import torch
-    from distill_engine.tracing import prune_after
+
+    from distill_engine.modeling.tracing import prune_after
     bare = plan.teacher.family.create(plan.teacher)
     prune_after(bare, plan.models.teacher_trace, plan.teacher_taps)
     bare.to(images.dtype).eval().requires_grad_(False)
@@ -77,8 +79,9 @@ def main() -> None:
 
     import torch
     import torch.distributed as dist
-    from distill_engine.engines import build_teacher
-    from distill_engine.plan import load_plan
+
+    from distill_engine.planning.load import load_plan
+    from distill_engine.training.engines import build_teacher
     common.init_distributed()
     world = dist.get_world_size()
     job = load_plan(args.job, world_size=world, missing_inputs_ok=args.random_teacher)
@@ -93,7 +96,7 @@ def main() -> None:
     batch = plan.spec.data.micro_batch_size
     if args.teacher_only:
         teacher, dtype = (random_teacher(plan) if args.random_teacher
-                          else build_teacher(plan, job.spec.seed))
+                          else build_teacher(plan, job.spec.seed, plan.placement.teacher))
         result["build_peak"] = common.peak_rss() - base
         common.trim()
         result["teacher_held"] = common.rss() - base

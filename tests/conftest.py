@@ -27,3 +27,11 @@ def teacher_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_file(timm.create_model("vit_tiny_patch16_224", **DIGITS_TEACHER).state_dict(), str(path))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/distributed/ starts real DeepSpeed ranks: marked so, so that
+    ``-m "not distributed"`` (or ``pytest tests/unit``) is the fast subset."""
+    for item in items:
+        if "distributed" in Path(str(item.fspath)).parent.parts[-1:]:
+            item.add_marker(pytest.mark.distributed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from distill_engine.cli import main as cli_main
+from distill_engine.cli.main import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -34,6 +34,44 @@ DIGITS_STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 32, "depth": 2, 
 # since the default placement, auto, would replicate such tiny models.
 ZERO3_CONFIGS = {"teacher_config": str(ROOT / "ds_configs" / "teacher_zero3_inference.json"),
                  "student_config": str(ROOT / "ds_configs" / "student_zero3.json")}
+
+
+FD_NORM = {"kind": "feature", "student_tap": "norm", "teacher_tap": "norm"}
+
+
+def digits_teacher(weights: Path) -> dict:
+    """The digits FD teacher (``DIGITS_TEACHER``) loaded from ``weights``, in fp32."""
+    return {"arch": TINY_VIT_ARCH, "kwargs": dict(DIGITS_TEACHER), "weights": str(weights),
+            "dtype": "fp32"}
+
+
+def digits_student(**fields) -> dict:
+    return {"arch": TINY_VIT_ARCH, "kwargs": dict(DIGITS_STUDENT), "dtype": "fp32", **fields}
+
+
+def digits_fd_job(run_dir: Path, train: Path, teacher_weights: Path, steps: int,
+                  stage: dict | None = None, **sections) -> dict:
+    """The digits Feature Distillation job that the distributed tests share: the digits
+    teacher into the digits student at 24 px, final norm to final norm, fp32, batch 16 per
+    rank. ``sections`` are merged into the job (a dict key by key), ``stage`` into its one
+    stage ``fd``."""
+    job = {"name": "fd-test", "run_dir": str(run_dir), "seed": 3,
+           "data": {"train": str(train), "micro_batch_size": 16, "num_workers": 1,
+                    "views": {"geometry": {"size": 24}}},
+           "optimisation": {"lr": 3e-3, "warmup_steps": 1, "steps": steps},
+           "logging": {"every_steps": 1},
+           "stages": [_merged({"name": "fd", "teacher": digits_teacher(teacher_weights),
+                               "student": digits_student(), "objectives": [dict(FD_NORM)]},
+                              stage or {})]}
+    return _merged(job, sections)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = (_merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
 
 
 def free_port() -> int:
@@ -98,12 +136,19 @@ def run_check_measured(spec: Path, *extra: str, world_size: int = 2,
                          "--check", "--world-size", str(world_size), *extra], timeout)
 
 
+def launcher(extra_env: dict[str, str] | None) -> Path:
+    """``launch/run.py``, or with DISTILL_FAULT the test-only launcher that injects it."""
+    if "DISTILL_FAULT" in (extra_env or {}):
+        return ROOT / "tests" / "faults.py"
+    return ROOT / "launch" / "run.py"
+
+
 def run_deepspeed(spec: Path, *extra: str, ranks: int = 2, timeout: int = 600,
                   script: Path | None = None,
                   extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N launch/run.py --spec SPEC``: real ranks, gloo, CPU."""
     port = free_port()
-    script = script or ROOT / "launch" / "run.py"
+    script = script or launcher(extra_env)
     args = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
             str(script), "--spec", str(spec), *extra]
     try:
@@ -126,7 +171,7 @@ class StartedJob:
             args = [sys.executable, str(ROOT / "launch" / "run.py"), "--spec", str(spec), *extra]
         else:
             args = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-                    str(self.port), str(ROOT / "launch" / "run.py"), "--spec", str(spec), *extra]
+                    str(self.port), str(launcher(extra_env)), "--spec", str(spec), *extra]
         with open(log, "w") as out:
             self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                             env={**env(), **(extra_env or {})},
@@ -284,4 +329,29 @@ def tiny_tokenizer(directory: Path, extra_words: list[str] = ()) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                             cls_token="[CLS]", sep_token="[SEP]",
                             mask_token="[MASK]").save_pretrained(directory)
+    return directory
+
+
+# A 2-layer, 32-wide BERT (text self-distillation tests)
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+             "attention_probs_dropout_prob": 0.0}
+
+
+def load_script():
+    """scripts/initial_mlm_model.py as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("initial_mlm_model",
+                                                  ROOT / "scripts" / "initial_mlm_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bert_encoder_dir(directory: Path, vocab_size: int, **config) -> Path:
+    """A BertModel save (encoder and pooler, no head), as MiniLM ships."""
+    import torch
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(3)
+    BertModel(BertConfig(vocab_size=vocab_size, **TINY_BERT, **config)).save_pretrained(directory)
     return directory

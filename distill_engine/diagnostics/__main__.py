@@ -67,7 +67,7 @@ def load_model(source: str, weights: Path | None, kwargs: dict):
         except (RuntimeError, TypeError, ValueError) as err:
             raise InputError(f"cannot build {source} with kwargs {kwargs}: {err}") from None
         if weights is not None:
-            from ..weights import WeightsError, read_state_dict
+            from distill_engine.weights import WeightsError, read_state_dict
             try:
                 model.load_state_dict(read_state_dict(weights))
             except (WeightsError, RuntimeError) as err:

@@ -4,12 +4,10 @@
 import importlib
 import pkgutil
 
-from .base import (FAMILIES, InputShape, ModelFamily, ModelRecipe, arch_problem, did_you_mean,
-                   first_tensor, register_family)
+from .base import FAMILIES, InputShape, ModelFamily, ModelRecipe, arch_problem, register_family
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["FAMILIES", "InputShape", "ModelFamily", "ModelRecipe", "arch_problem", "did_you_mean",
-           "first_tensor", "register_family"]
+__all__ = ["FAMILIES", "InputShape", "ModelFamily", "ModelRecipe", "arch_problem", "register_family"]

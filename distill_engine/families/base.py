@@ -9,13 +9,15 @@ timm and transformers look names up in their own registries.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from distill_engine.suggest import did_you_mean
+from distill_engine.tensors import first_tensor
 
 
 @dataclass(frozen=True)
@@ -47,18 +49,6 @@ class ModelRecipe:
     @property
     def family(self) -> "ModelFamily":
         return FAMILIES[self.prefix]
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a module's output stands for: itself, or the first tensor of an output
-    record (transformers' ``ModelOutput`` is a mapping) or of a tuple."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 class ModelFamily:
@@ -140,7 +130,7 @@ class ModelFamily:
         ``model.safetensors`` and ``model.json`` (architecture and kwargs)."""
         import json
 
-        from ..weights import save_safetensors
+        from distill_engine.weights import save_safetensors
         weights = save_safetensors(state, out_dir / "model.safetensors")
         card = {"arch": recipe.arch, "kwargs": recipe.kwargs, **extra}
         (out_dir / "model.json").write_text(json.dumps(card, indent=2, default=str))
@@ -161,12 +151,6 @@ def register_family(prefix: str):
         return cls
 
     return wrap
-
-
-def did_you_mean(name: str, candidates, what: str) -> str:
-    """`` did you mean 'x'?`` (or nothing) for a misspelt ``name``."""
-    nearest = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(n) for n in nearest)}?" if nearest else ""
 
 
 def arch_problem(arch: str) -> str | None:

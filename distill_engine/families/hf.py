@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill_engine.suggest import did_you_mean
+
 from . import masking
-from .base import InputShape, ModelFamily, ModelRecipe, did_you_mean, register_family
+from .base import InputShape, ModelFamily, ModelRecipe, register_family
 
 TASKS = {
     "base": "AutoModel",
@@ -75,6 +77,7 @@ class HuggingFaceFamily(ModelFamily):
     def create(self, recipe: ModelRecipe, drop_path_rate: float | None = None,
                drop_path_schedule: str = "linear") -> nn.Module:
         import transformers
+
         # Imported here, at the plan's meta-device build: importing them later, inside
         # zero.Init (which patches tensor construction), fails in torch._dynamo's import.
         from transformers.initialization import no_init_weights

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import InputShape, ModelFamily, ModelRecipe, did_you_mean, register_family
+from distill_engine.suggest import did_you_mean
+
+from .base import InputShape, ModelFamily, ModelRecipe, register_family
 
 
 @functools.cache

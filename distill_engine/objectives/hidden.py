@@ -25,8 +25,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from ..families.masking import MASK_RATIO, masks_inside
-from ..inputs import model_inputs, original_student_inputs, to_model
+from distill_engine.families.masking import MASK_RATIO, masks_inside
+from distill_engine.modeling.inputs import model_inputs, original_student_inputs, to_model
+
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
 # Where prepare() keeps the student's unmasked input for the second pass.

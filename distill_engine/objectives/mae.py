@@ -23,10 +23,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from ..families.masking import MASK_RATIO, masks_inside
-from ..inputs import model_inputs
-from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from distill_engine.families.masking import MASK_RATIO, masks_inside
+from distill_engine.modeling.inputs import model_inputs
 
+from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
 # ----------------------------------------------------------------------------- the math
 

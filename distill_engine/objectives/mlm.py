@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..inputs import ORIGINAL_STUDENT, model_inputs
+from distill_engine.modeling.inputs import ORIGINAL_STUDENT, model_inputs
+
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
 IGNORE = -100  # the label of a position that is not predicted (cross_entropy's ignore_index)

@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
-
 # ----------------------------------------------------------------------------- the math
 
 def split_heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:

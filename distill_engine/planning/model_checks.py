@@ -1,0 +1,160 @@
+"""Both models of a stage built on the meta device (no memory, no weights) and traced once:
+every tap resolves, every objective fits the tap shapes, weights files fit by name and
+shape, and what the runtime will prune from the teacher and freeze in the student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill_engine import weights
+from distill_engine.families import InputShape, ModelFamily, ModelRecipe, arch_problem
+from distill_engine.modeling import tracing
+from distill_engine.modeling.taps import tap_problem
+from distill_engine.objectives import ObjectiveError, TapShapes, build_objective
+from distill_engine.spec.schema import StageSpec
+from distill_engine.spec.size_limits import kwargs_problems, params_problem
+
+from .job import ModelSummary, Problems, StageRefs
+
+
+def build_meta(recipe: ModelRecipe, stage: StageSpec, role: str) -> nn.Module:
+    """The model as the runtime will build it, on the meta device."""
+    with torch.device("meta"):
+        if role == "student":
+            return recipe.family.create(recipe, stage.student.drop_path_rate,
+                                        stage.student.drop_path_schedule)
+        return recipe.family.create(recipe)
+
+
+def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShape,
+                 problems: Problems) -> ModelSummary | None:
+    """None when a model cannot be built or traced, or a tap does not resolve (each problem
+    is appended with its YAML path)."""
+    here = f"stages[{index}]"
+    built: dict[str, tuple[nn.Module, tracing.Trace]] = {}
+    for role, recipe, taps in (("student", refs.student, refs.student_taps),
+                               ("teacher", refs.teacher, refs.teacher_taps)):
+        if recipe is None or arch_problem(recipe.arch):
+            continue  # no teacher, or already reported
+        if not sane_sizes(recipe, getattr(stage, role).kwargs, f"{here}.{role}.kwargs", problems):
+            continue
+        try:
+            model = build_meta(recipe, stage, role)
+        except Exception as err:  # timm/transformers reject bad kwargs with varied types
+            problems.append((f"{here}.{role}.kwargs", f"cannot build {recipe.arch} with "
+                             f"{recipe.kwargs}: {err}"))
+            continue
+        if problem := params_problem(_count(model)):
+            problems.append((f"{here}.{role}.kwargs", problem))
+            continue
+        bad = {t: p for t in taps if (p := tap_problem(model, t))}
+        for j, objective in enumerate(stage.objectives):
+            for key, value in objective:
+                if key.startswith(role) and value in bad:
+                    problems.append((f"{here}.objectives[{j}].{key}", f"{role} {bad[value]}"))
+        try:
+            traced = tracing.trace(model, recipe.family, recipe.family.example_input(model, shape))
+        except Exception as err:
+            problems.append((f"{here}.{role}", f"a forward of {recipe.arch} on "
+                             f"{describe(shape, model, recipe)} fails: "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"))
+            continue
+        if not bad:
+            built[role] = (model, traced)
+    if "student" in built and refs.student_init is not None and refs.student_init.is_file():
+        model = built["student"][0]
+        family = refs.student.family
+        check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
+                           head=family.classifier_prefixes(model),
+                           ignore=family.init_extra_modules(model), family=family)
+    if "student" not in built or (refs.teacher is not None and "teacher" not in built):
+        return None
+
+    student_model, student_trace = built["student"]
+    teacher_model, teacher_trace = built.get("teacher", (None, None))
+    summary = ModelSummary(
+        tap_shapes=TapShapes(
+            student={t: student_trace.shapes.get(t, ()) for t in refs.student_taps},
+            teacher={t: teacher_trace.shapes.get(t, ()) for t in refs.teacher_taps}
+            if teacher_trace else {},
+            student_model=student_model, teacher_model=teacher_model,
+            student_tokenizer=stage.data.text.for_role("student") if stage.data.text else None),
+        student_params=_count(student_model), head_params=0,
+        student_output=student_trace.shapes.get(tracing.OUTPUT, ()))
+    if stage.student.freeze_unused:
+        summary.frozen_params = tracing.unreachable_parameters(student_model, student_trace,
+                                                               refs.student_taps)
+        deepest = tracing.deepest_tap(student_trace, refs.student_taps)
+        summary.frozen_student = [
+            m for m in (tracing.modules_after(student_trace, deepest) if deepest else [])
+            if any(p.startswith(m + ".") for p in summary.frozen_params)]
+    if teacher_model is not None:
+        summary.teacher_params = _count(teacher_model)
+        summary.teacher_trace = teacher_trace
+        summary.pruned_teacher = tracing.prune_after(teacher_model, teacher_trace, refs.teacher_taps)
+        summary.teacher_params_kept = _count(teacher_model)
+    for j, objective in enumerate(stage.objectives):
+        try:
+            with torch.device("meta"):
+                summary.head_params += _count(build_objective(objective, summary.tap_shapes))
+        except ObjectiveError as err:
+            problems.append((f"{here}.objectives[{j}]", str(err)))
+    return summary
+
+
+def sane_sizes(recipe: ModelRecipe, written: dict, where: str, problems: Problems) -> bool:
+    """Whether the recipe's size-like kwargs are sane enough to build (``size_limits``).
+    Reported for the kwargs written in this stage; those inherited from an earlier stage
+    (``stage:NAME``) were reported there."""
+    found = kwargs_problems(recipe.kwargs)
+    problems.extend((f"{where}.{key}", message) for key, message in found if key in written)
+    return not found
+
+
+def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problems: Problems) -> None:
+    """The teacher's weights file against its whole (unpruned) architecture."""
+    recipe = refs.teacher
+    if recipe is None or recipe.weights is None or not recipe.weights.is_file():
+        return
+    if arch_problem(recipe.arch) or kwargs_problems(recipe.kwargs):
+        return  # reported by check_models
+    try:
+        model = build_meta(recipe, stage, "teacher")
+    except Exception:  # bad kwargs: check_models has reported them already
+        return
+    check_weights_file(model, recipe.weights, f"stages[{index}].teacher.weights", problems,
+                       family=recipe.family)
+
+
+def check_weights_file(model: nn.Module, path: Path, where: str, problems: Problems,
+                       head: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
+                       family: ModelFamily | None = None) -> None:
+    """Compares key names and shapes from the file header, without reading tensors.
+    ``head``: classifier prefixes that may start fresh (initialising a student);
+    ``ignore``: modules the file may hold beyond the model's own;
+    ``family``: renames the file's keys as the runtime will (``adapt_state_keys``)."""
+    shapes = weights.weight_shapes(path)
+    if isinstance(shapes, str):
+        problems.append((where, shapes))
+        return
+    if family is not None:
+        shapes = family.adapt_state_keys(model, shapes)
+    want = weights.expected_shapes(model)
+    problem = weights.shape_problems(want, shapes, path, ignore=ignore,
+                                     fresh=weights.fresh_head_keys(want, shapes, head))
+    if problem:
+        problems.append((where, problem))
+
+
+def describe(shape: InputShape, model: nn.Module, recipe: ModelRecipe) -> str:
+    inputs = recipe.family.example_input(model, shape)
+    if isinstance(inputs, dict) and "input_ids" in inputs:
+        return f"sequences of {shape.seq_len} tokens"
+    return f"{shape.image_size}x{shape.image_size} inputs (data.views.geometry.size)"
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

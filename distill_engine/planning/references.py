@@ -1,0 +1,236 @@
+"""What a stage refers to, checked without building anything: earlier stages, files, shard
+directories, batch arithmetic for the world size, and the number of steps.
+
+Every function appends ``(yaml_path, message)`` problems instead of raising, so that one
+run of ``--check`` lists every problem of a spec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from distill_engine.families import ModelRecipe, arch_problem
+from distill_engine.spec.schema import STAGE_REF, StageSpec
+from distill_engine.suggest import did_you_mean
+
+from .job import Problems, StageRefs, StepCount, global_batch
+
+
+def resolve_references(run_dir: Path, stages: list[StageSpec | None],
+                       raw_names: list[str | None], problems: Problems) -> list[StageRefs | None]:
+    """Stage references and architectures. Stages that failed validation are None: they
+    are skipped, and references to them are not reported twice."""
+    refs: list[StageRefs | None] = []
+    names: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        here = f"stages[{i}]"
+        if stage is None:
+            if raw_names[i] is not None:
+                names.setdefault(raw_names[i], i)
+            refs.append(None)
+            continue
+        if stage.name in names:
+            problems.append((f"{here}.name", f"stage name {stage.name!r} is used twice"))
+        names.setdefault(stage.name, i)
+
+        def earlier(ref: str, path: str) -> StageRefs | None:
+            target = ref.split(":", 1)[1]
+            if target == stage.name:
+                problems.append((path, f"stage {stage.name!r} refers to itself"))
+            elif target not in names or names[target] >= i:
+                known = [name for name, j in names.items() if j < i]
+                problems.append((path, f"{ref!r} is not an earlier stage; earlier stages: "
+                                 f"{known}" + did_you_mean(target, known, "stage")))
+            else:
+                return refs[names[target]]  # None if that stage is itself invalid
+            return None
+
+        student = None
+        if stage.student.arch.startswith(STAGE_REF):
+            source = earlier(stage.student.arch, f"{here}.student.arch")
+            if source:
+                exported = exported_student(source)
+                student = ModelRecipe(exported.arch, {**exported.kwargs, **stage.student.kwargs})
+        else:
+            student = ModelRecipe(stage.student.arch, dict(stage.student.kwargs))
+        student_init = None
+        if stage.student.init.startswith(STAGE_REF):
+            source = earlier(stage.student.init, f"{here}.student.init")
+            if source:
+                student_init = source.export_dir / "model.safetensors"
+        elif stage.student.init != "scratch":
+            student_init = Path(stage.student.init)
+            if not student_init.is_file():
+                problems.append((f"{here}.student.init",
+                                 f"weights file {student_init} does not exist (or use 'scratch' "
+                                 "or 'stage:NAME')"))
+
+        teacher = None
+        if stage.teacher is not None:
+            if stage.teacher.arch.startswith(STAGE_REF):
+                source = earlier(stage.teacher.arch, f"{here}.teacher.arch")
+                if source:
+                    exported = exported_student(source)
+                    teacher = ModelRecipe(exported.arch, exported.kwargs,
+                                          source.export_dir / "model.safetensors")
+            else:
+                teacher = ModelRecipe(stage.teacher.arch, dict(stage.teacher.kwargs),
+                                      stage.teacher.weights)
+                if stage.teacher.weights is not None and not stage.teacher.weights.is_file():
+                    problems.append((f"{here}.teacher.weights",
+                                     f"weights file {stage.teacher.weights} does not exist"))
+                elif stage.teacher.weights is None:
+                    problems.append((f"{here}.teacher.weights",
+                                     "a teacher needs weights: a local .safetensors or torch "
+                                     "state-dict file (teachers are never randomly initialised)"))
+
+        for role, recipe, spec in (("student", student, stage.student),
+                                   ("teacher", teacher, stage.teacher)):
+            # An architecture taken from an earlier stage was checked there.
+            if recipe is not None and not spec.arch.startswith(STAGE_REF):
+                if problem := arch_problem(recipe.arch):
+                    problems.append((f"{here}.{role}.arch", problem))
+
+        if stage.teacher is not None and teacher is None:
+            # An unresolved teacher reference (reported above): nothing to check the
+            # objectives against.
+            refs.append(None)
+            continue
+        taps_s = sorted({t for o in stage.objectives for t in o.student_taps()})
+        taps_t = sorted({t for o in stage.objectives for t in o.teacher_taps()})
+        refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, student, student_init,
+                              taps_s, taps_t) if student is not None else None)
+    return refs
+
+
+def exported_student(source: StageRefs) -> ModelRecipe:
+    """The student an earlier stage exported, as its ``model.json`` says once the stage is
+    complete (the spec may have changed since; the weights are of that architecture), else
+    as the spec says (the stage has yet to run)."""
+    if (source.export_dir / "metrics.json").is_file():
+        try:
+            card = json.loads((source.export_dir / "model.json").read_text())
+            return ModelRecipe(card["arch"], dict(card["kwargs"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an export without a readable card: the spec's recipe (and a clear
+            # shape-mismatch report from the weights check if they differ)
+    return source.student
+
+
+# ---------------------------------------------------------------------------- files
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") and "{" not in url
+
+
+def read_index(url: str) -> dict[str, Any] | None:
+    """The shard index of a local shard directory or index file, if there is a readable one."""
+    path = Path(url)
+    index = path / "index.json" if path.is_dir() else path
+    if index.suffix == ".json" and index.is_file():
+        try:
+            raw = json.loads(index.read_text())
+            return raw if isinstance(raw, dict) else None
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+def check_files(stage: StageSpec, here: str, problems: Problems) -> None:
+    """DeepSpeed configs and shard locations the runtime will read."""
+    for key in ("teacher_config", "student_config"):
+        path = getattr(stage.deepspeed, key)
+        if path == "auto":
+            continue
+        if not path.is_file():
+            problems.append((f"{here}.deepspeed.{key}", f"DeepSpeed config {path} does not exist"))
+        else:
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                problems.append((f"{here}.deepspeed.{key}", f"{path} is not valid JSON: {err}"))
+    data = stage.data
+    for key in ("train", "eval"):
+        urls = getattr(data, key)
+        for url in [urls] if isinstance(urls, str) else (urls or []):
+            if url.startswith("pipe:") and not data.allow_pipe:
+                problems.append((f"{here}.data.{key}",
+                                 f"{url!r} runs a shell command; set data.allow_pipe: true "
+                                 "to permit 'pipe:' urls"))
+            elif _is_local(url) and not Path(url).exists():
+                problems.append((f"{here}.data.{key}",
+                                 f"{url} does not exist (pack shards with "
+                                 "'python -m data_shards pack SOURCE --out DIR')"))
+    # Evaluation is on by default wherever data.eval is given; an eval section written
+    # without held-out shards would do nothing, so it is refused.
+    if "eval" in stage.model_fields_set and stage.eval is not None and data.eval is None:
+        problems.append((f"{here}.eval", "evaluation needs held-out shards in data.eval"))
+
+
+# ---------------------------------------------------------------------------- batches and steps
+
+def check_batch(stage: StageSpec, here: str, world_size: int, problems: Problems) -> None:
+    data, opt = stage.data, stage.optimisation
+    total = global_batch(stage, world_size)
+    if data.global_batch_size is not None and data.global_batch_size != total:
+        problems.append((f"{here}.data.global_batch_size",
+                         f"{data.global_batch_size} != micro_batch_size {data.micro_batch_size} "
+                         f"x {world_size} ranks x gradient_accumulation_steps "
+                         f"{opt.gradient_accumulation_steps} = {total}; change one of them"))
+
+
+def samples_per_epoch(stage: StageSpec) -> tuple[int | None, str]:
+    """The samples of an epoch (``data.samples_per_epoch``, else the training shards'
+    index) and where that number comes from; None when no index is readable."""
+    data = stage.data
+    if data.samples_per_epoch is not None:
+        return data.samples_per_epoch, "data.samples_per_epoch"
+    if isinstance(data.train, str):
+        total = (read_index(data.train) or {}).get("total")
+        if isinstance(total, int) and total > 0:
+            return total, f"the index of {data.train}"
+    return None, ""
+
+
+def check_batch_against_data(stage: StageSpec, here: str, world_size: int,
+                             problems: Problems) -> None:
+    """A step must not need more samples than an epoch has: the stream would repeat
+    samples within one batch, and a batch of 10^12 samples never arrives while memory grows."""
+    samples, source = samples_per_epoch(stage)
+    total = global_batch(stage, world_size)
+    if samples is not None and total > samples:
+        data, opt = stage.data, stage.optimisation
+        problems.append((f"{here}.data.micro_batch_size",
+                         f"one optimizer step takes micro_batch_size {data.micro_batch_size:,} "
+                         f"x {world_size} ranks x gradient_accumulation_steps "
+                         f"{opt.gradient_accumulation_steps} = {total:,} samples, but an epoch "
+                         f"has {samples:,} ({source}); use a micro-batch of at most "
+                         f"{max(1, samples // (world_size * opt.gradient_accumulation_steps)):,}"))
+
+
+def batches_per_epoch(samples_per_epoch: int, micro_batch: int, world_size: int) -> int:
+    """The stream's own arithmetic: every rank gives the same number of batches an epoch."""
+    return math.ceil(samples_per_epoch / (micro_batch * world_size))
+
+
+def count_steps(stage: StageSpec, world_size: int, batches: int | None = None) -> StepCount:
+    """(optimizer steps, warm-up steps) from steps or epochs. ``batches``: batches per epoch
+    (the stream's); by default from ``samples_per_epoch`` or the training shards' index."""
+    data, opt = stage.data, stage.optimisation
+    if batches is None:
+        samples, _ = samples_per_epoch(stage)
+        if samples is not None:
+            batches = batches_per_epoch(samples, data.micro_batch_size, world_size)
+    if batches is None:
+        warmup = opt.warmup_steps if opt.warmup_epochs is None else None
+        if opt.steps is not None and warmup is not None:
+            warmup = min(warmup, max(opt.steps - 1, 0))
+        return StepCount(opt.steps, warmup, None)
+    steps_per_epoch = batches / opt.gradient_accumulation_steps
+    total = opt.steps if opt.steps is not None else max(1, math.ceil(opt.epochs * steps_per_epoch))
+    warmup = (opt.warmup_steps if opt.warmup_epochs is None
+              else math.ceil(opt.warmup_epochs * steps_per_epoch))
+    return StepCount(total, min(warmup, max(total - 1, 0)), batches)

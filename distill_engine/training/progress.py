@@ -1,0 +1,232 @@
+"""What the user sees: a progress bar on rank 0 (a plain line per logging interval where
+stderr is a file), a JSONL metrics log, TensorBoard events when installed, and a summary
+table at the end (the PNGs are drawn by ``plots``). Other ranks print nothing unless
+something fails."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+# Cluster logs are files, not terminals: give tables room rather than rich's 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+class _DropKnownNoise(logging.Filter):
+    """Warnings DeepSpeed emits on every healthy run (its warm-up schedulers are asked for
+    a learning rate at construction)."""
+
+    NOISE = ("Attempting to get learning rate from scheduler before it has started",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs at INFO through rich; other ranks only warnings and errors. DeepSpeed's
+    own INFO chatter is silenced everywhere, and so are deprecation notices that torch
+    raises inside DeepSpeed's collectives on every call."""
+    import warnings
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated",
+                            category=FutureWarning)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+        ds_logger.addFilter(_DropKnownNoise())
+    except ImportError:
+        pass
+
+
+class StageProgress:
+    """Progress display, metrics log and TensorBoard events for one stage; a no-op on
+    ranks other than 0.
+
+    Every ``logging.every_steps`` steps (and at the first and last) one record goes to
+    ``metrics.jsonl``: the losses averaged over the steps since the previous record, the
+    learning rate, samples/s and the share of time spent waiting for data. On a terminal a
+    rich bar shows it; where stderr is a file (a cluster job's log) the bar would print only
+    at the end, so a plain line is printed per record instead. Evaluation results go to
+    ``eval.jsonl``.
+    """
+
+    def __init__(self, stage: str, directory: Path, total_steps: int, start_step: int,
+                 samples_per_step: int, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.stage = stage
+        self.total_steps = total_steps
+        self.samples_per_step = samples_per_step
+        self.metrics_path = directory / "metrics.jsonl"
+        self.eval_path = directory / "eval.jsonl"
+        self._started = self._last_time = time.perf_counter()
+        self._start_step = self._last_step = start_step
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self.rate = 0.0
+        self.writer = None
+        if not enabled:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in (self.metrics_path, self.eval_path):
+            if start_step == 0 and path.exists():
+                path.unlink()  # a fresh stage; a resumed one appends
+            elif path.exists():
+                _drop_records_after(path, start_step)
+        if tensorboard:
+            self.writer = tensorboard_writer(directory / "tensorboard")
+        self.plain = not console.is_terminal
+        if self.plain:
+            return
+        self.progress = Progress(
+            TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False)
+        self.task = self.progress.add_task(stage, total=total_steps, completed=start_step,
+                                           loss="-", rate="-")
+        self.progress.start()
+
+    def step(self, step: int, record: dict[str, Any], log_now: bool) -> None:
+        if not self.enabled:
+            return
+        for key, value in record.items():
+            if key == "loss" or key.startswith("loss/") or key in ("step_s", "data_wait_s"):
+                self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        if log_now:
+            record = self._averaged(step, record)
+            with self.metrics_path.open("a") as out:
+                out.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key.startswith("loss") or key in ("lr", "samples_per_s", "data_wait_share"):
+                        self.writer.add_scalar(f"train/{key}", value, step)
+            if self.plain:
+                console.print(self._line(step, record), markup=False, highlight=False,
+                              soft_wrap=True)
+        if not self.plain:
+            self.progress.update(self.task, completed=step, loss=f"{record['loss']:.4f}",
+                                 rate=f"{self.rate:.1f}")
+
+    def _averaged(self, step: int, record: dict[str, Any]) -> dict[str, Any]:
+        """The record with its losses and timings averaged over the steps since the last."""
+        now = time.perf_counter()
+        self.rate = (step - self._last_step) * self.samples_per_step / max(now - self._last_time,
+                                                                           1e-9)
+        self._last_time, self._last_step = now, step
+        averaged = {k: round(v / self._count, 5) if k.endswith("_s") else v / self._count
+                    for k, v in self._sums.items()}
+        share = self._sums.get("data_wait_s", 0.0) / max(self._sums.get("step_s", 0.0), 1e-9)
+        out = {**record, **averaged, "steps_averaged": self._count,
+               "samples_per_s": round(self.rate, 2), "data_wait_share": round(share, 4)}
+        self._sums, self._count = {}, 0
+        return out
+
+    def _line(self, step: int, record: dict[str, Any]) -> str:
+        elapsed = time.perf_counter() - self._started
+        done = step - self._start_step
+        eta = elapsed / done * (self.total_steps - step) if done else 0.0
+        return (f"{self.stage} step {step}/{self.total_steps} loss {record['loss']:.4f} "
+                f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s data wait "
+                f"{record['data_wait_share']:.0%} ETA {_duration(eta)}")
+
+    def evaluation(self, step: int, result: dict[str, Any]) -> None:
+        """Records an evaluation result (``accuracy`` or ``knn_accuracy``) at ``step``."""
+        if not self.enabled or not result:
+            return
+        with self.eval_path.open("a") as out:
+            out.write(json.dumps({"step": step, **result}) + "\n")
+        if self.writer is not None:
+            for key, value in result.items():
+                if key != "samples":
+                    self.writer.add_scalar(f"eval/{key}", value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if not self.plain:
+            self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget their old records (and
+    a last line that a kill cut short), so that every step is logged once."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+_tensorboard_missing_said = False
+
+
+def tensorboard_writer(directory: Path):
+    """A TensorBoard ``SummaryWriter``, or None (with one note per job) when the optional
+    ``tensorboard`` package is not installed (``pip install ".[tensorboard]"``)."""
+    global _tensorboard_missing_said
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if not _tensorboard_missing_said:
+            logging.getLogger("distill_engine").info(
+                "TensorBoard event files are not written: the tensorboard package is not "
+                "installed (pip install \".[tensorboard]\")")
+            _tensorboard_missing_said = True
+        return None
+    return SummaryWriter(str(directory))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary_table(rows: list[dict[str, Any]]) -> Table:
+    """One row per stage; a stage that trains no classifier shows the kNN accuracy of its
+    features instead of a head accuracy."""
+    table = Table(title="distillation summary")
+    for column in ("stage", "teacher", "steps", "first loss", "last loss", "held-out acc.",
+                   "kNN acc."):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        teacher = (row.get("teacher") or "-").split(":", 1)[-1]
+        table.add_row(row["stage"], teacher, str(row["steps"]), _fmt(row.get("first_loss")),
+                      _fmt(row.get("last_loss")), _percent(row.get("accuracy")),
+                      _percent(row.get("knn_accuracy")))
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
