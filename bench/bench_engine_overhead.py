@@ -160,7 +160,7 @@ def main() -> None:
     ratios = {name: common.median([o / e for e, o in zip(seconds["engine"], seconds[name])])
               for name in sides if name != "engine"}
     rate = {k: args.batch / common.median(v) for k, v in seconds.items()}
-    placed = engine.placement
+    placed = plan.placement
     overrides = f"; student config overrides `{args.student_overrides}`" \
         if args.student_overrides != "{}" else ""
     rows = "\n".join(f"| {name} | {rate[name]:.2f} | {warm[name]:.1f} | {fmt(seconds[name])} |"

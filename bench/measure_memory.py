@@ -121,8 +121,8 @@ def main() -> None:
             started = time.perf_counter()
             trainer.train_step()
             result["step_s"].append(time.perf_counter() - started)
-        result["placement"] = [p.name for p in (trainer.placement.teacher,
-                                                trainer.placement.student) if p is not None]
+        result["placement"] = [p.name for p in (plan.placement.teacher,
+                                                plan.placement.student) if p is not None]
     result.setdefault("peak", common.peak_rss() - base)
     print("MEASURED " + json.dumps(result), flush=True)
     common.remove_shm_buffers()
