@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import DataError
+from .hf_folders import custom_code_problem
 
 # The workers are the parallelism: a fast tokenizer's own thread pool inside a forked worker
 # would oversubscribe the cores (and the library warns once per fork if it was used before).
@@ -65,8 +66,11 @@ def load_tokenizer(directory: str | os.PathLike):
 
         if not (Path(key) / "tokenizer_config.json").is_file() and not (Path(key) / "tokenizer.json").is_file():
             raise DataError(f"{key} is not a tokenizer directory (no tokenizer.json or tokenizer_config.json); name a local directory saved by a Hugging Face tokenizer's save_pretrained.")
+        if problem := custom_code_problem(key):
+            raise DataError(problem)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(key, local_files_only=True)
+            # trust_remote_code=False: never the folder's code, and never a question on stdin
+            tokenizer = AutoTokenizer.from_pretrained(key, local_files_only=True, trust_remote_code=False)
         except Exception as exn:  # transformers raises OSError, ValueError, ... for a broken directory
             raise DataError(f"cannot load a tokenizer from {key}: {str(exn).splitlines()[0] if str(exn) else type(exn).__name__}") from None
         if not tokenizer.is_fast:

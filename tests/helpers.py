@@ -108,15 +108,21 @@ def run_check(spec: Path, *extra: str, world_size: int = 2) -> subprocess.Comple
                           capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
 
 
-def run_measured(args: list[str], timeout: int = 300) -> tuple[int, str, str, int]:
+def run_measured(args: list[str], timeout: int = 300,
+                 stdin: str = "") -> tuple[int, str, str, int]:
     """Runs a command; returns its exit code, stdout, stderr and the peak resident memory
     (bytes) of that process alone: ``os.wait4`` reports the resource usage of the one child
-    it reaps (the RUSAGE_CHILDREN total would include every earlier child of the session)."""
+    it reaps (the RUSAGE_CHILDREN total would include every earlier child of the session).
+    ``stdin``: what the command reads there (a question asked on stdin gets this answer)."""
     import signal
     import tempfile
     import threading
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(args, stdout=out, stderr=err, text=True, cwd=ROOT, env=env())
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.TemporaryFile("w+") as answers:
+        answers.write(stdin)
+        answers.seek(0)
+        child = subprocess.Popen(args, stdin=answers, stdout=out, stderr=err, text=True,
+                                 cwd=ROOT, env=env())
         timer = threading.Timer(timeout, os.kill, (child.pid, signal.SIGKILL))
         timer.start()
         try:
@@ -130,10 +136,10 @@ def run_measured(args: list[str], timeout: int = 300) -> tuple[int, str, str, in
 
 
 def run_check_measured(spec: Path, *extra: str, world_size: int = 2,
-                       timeout: int = 300) -> tuple[int, str, str, int]:
+                       timeout: int = 300, stdin: str = "") -> tuple[int, str, str, int]:
     """``run_check`` with the peak memory of the --check process (``run_measured``)."""
     return run_measured([sys.executable, str(ROOT / "launch" / "run.py"), "--spec", str(spec),
-                         "--check", "--world-size", str(world_size), *extra], timeout)
+                         "--check", "--world-size", str(world_size), *extra], timeout, stdin)
 
 
 def launcher(extra_env: dict[str, str] | None) -> Path:
