@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_shards import DataError
+from data_shards.hf_folders import custom_code_problem, read_config
 from distill_engine.suggest import did_you_mean
 
 from . import masking
@@ -34,6 +36,7 @@ TASKS = {
     "mae_pretraining": "AutoModelForPreTraining",            # ViTMAEForPreTraining
     "image_classification": "AutoModelForImageClassification",
 }
+CLASSIFIER_TASKS = ("sequence_classification", "image_classification")
 # Keys a checkpoint of the same backbone may carry for another head: a BertModel's pooler in
 # a masked-LM model, a masked-LM head in a classifier. Dropped when the model has no such key.
 OTHER_HEADS = ("pooler.", "cls.", "classifier.")
@@ -41,6 +44,42 @@ OTHER_HEADS = ("pooler.", "cls.", "classifier.")
 
 def _is_directory(name: str) -> bool:
     return (Path(name) / "config.json").is_file()
+
+
+def _directory_problem(name: str) -> str | None:
+    """Why a model directory cannot be read without running code or unbounded memory (its
+    own code named by ``auto_map`` or a custom ``model_type``; a config that is not a JSON
+    object of reasonable size), or None."""
+    try:
+        read_config(Path(name) / "config.json")
+    except DataError as err:
+        return str(err)
+    return custom_code_problem(name)
+
+
+def config_file_values(recipe: ModelRecipe) -> dict[str, Any]:
+    """The values an ``hf:DIR`` config file gives and the recipe's kwargs do not override,
+    nested configs (``text_config``) as dotted names; {} for a declared model type. Read as
+    JSON, without transformers, so that a size can be judged before anything is built
+    (transformers fills ``id2label`` with ``num_labels`` entries as it reads the file)."""
+    if not _is_directory(recipe.name):
+        return {}
+    try:
+        config = read_config(Path(recipe.name) / "config.json")
+    except DataError:
+        return {}  # reported by architecture_problem
+    flat: dict[str, Any] = {}
+    todo = [("", config)]
+    while todo:
+        prefix, node = todo.pop()
+        for key, value in node.items():
+            if not prefix and key in recipe.kwargs:
+                continue
+            if isinstance(value, dict):
+                todo.append((f"{prefix}{key}.", value))
+            else:
+                flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _model_types() -> list[str]:
@@ -54,7 +93,11 @@ def build_config(recipe: ModelRecipe):
     import transformers
     values = {k: v for k, v in recipe.kwargs.items() if k != "task"}
     if _is_directory(recipe.name):
-        config = transformers.AutoConfig.from_pretrained(recipe.name, local_files_only=True)
+        if problem := _directory_problem(recipe.name):
+            raise ValueError(problem)
+        # trust_remote_code=False: never the folder's code, and never a question on stdin
+        config = transformers.AutoConfig.from_pretrained(recipe.name, local_files_only=True,
+                                                         trust_remote_code=False)
         for key, value in values.items():
             setattr(config, key, value)
         return config
@@ -69,7 +112,9 @@ def build_config(recipe: ModelRecipe):
 class HuggingFaceFamily(ModelFamily):
 
     def architecture_problem(self, name: str) -> str | None:
-        if _is_directory(name) or name in _model_types():
+        if _is_directory(name):
+            return _directory_problem(name)
+        if name in _model_types():
             return None
         return (f"{name} is neither a Hugging Face model directory (no config.json there) nor a "
                 f"transformers model type such as 'bert'" + did_you_mean(name, _model_types(), "type"))
@@ -94,14 +139,14 @@ class HuggingFaceFamily(ModelFamily):
         # probabilities in their config.
         model_class = getattr(transformers, TASKS[task])
         if not _inside_zero_init():
-            model = model_class.from_config(config)
+            model = model_class.from_config(config, trust_remote_code=False)
         else:
             # Under the runtime's zero.Init each parameter is partitioned as it is created, and
             # transformers' own initialisation (which indexes the embedding's padding row) would
             # see empty shards: build without it, then initialise each module's gathered
             # parameters, as transformers does when it opens zero.Init itself.
             with no_init_weights():
-                model = model_class.from_config(config)
+                model = model_class.from_config(config, trust_remote_code=False)
             initialize_weights_zero3(model)
             model.tie_weights()
         masking.set_fixed_positions(model)  # an MAE's sin-cos tables (transformers leaves zeros)
@@ -210,7 +255,8 @@ class HuggingFaceFamily(ModelFamily):
                      out_dir: Path, extra: dict[str, Any]) -> Path:
         """A ``save_pretrained`` directory: config, ``model.safetensors`` and (when the stage
         read text) the student's tokenizer, so that ``AutoModelFor...from_pretrained(DIR)``
-        loads it in one line; ``model.json`` records the recipe."""
+        loads it in one line; a classifier's config names its classes (``id2label``, from
+        ``extra["label_names"]``); ``model.json`` records the recipe."""
         export = self.create(recipe)  # on the CPU, outside ZeRO: rank 0 only
         missing, unexpected = export.load_state_dict(self.adapt_state_keys(export, state),
                                                      strict=False)
@@ -218,6 +264,12 @@ class HuggingFaceFamily(ModelFamily):
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"export of {recipe.arch}: missing {sorted(set(missing) - tied)}, "
                                f"unexpected {sorted(unexpected)}")
+        names = extra.get("label_names") or []
+        if recipe.kwargs.get("task") in CLASSIFIER_TASKS and len(names) == export.config.num_labels:
+            # Class names as the shards' index has them, so that pipeline() and
+            # config.id2label say "positive" where transformers would write "LABEL_2".
+            export.config.id2label = dict(enumerate(names))
+            export.config.label2id = {name: i for i, name in enumerate(names)}
         export.save_pretrained(out_dir)
         _keep_own_names(export, out_dir / "model.safetensors")
         tokenizer = extra.pop("tokenizer", None)
