@@ -8,6 +8,7 @@
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -104,16 +105,40 @@ def _image_folder(root: Path) -> Source:
     return Source(items, "image", classes, make_key(root.resolve().name))
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line with its end) of a UTF-8 file. Decoded line by line, so that a
+    byte that is not UTF-8 is named by its line (a text-mode file decodes 8 KiB at a time,
+    and its error says neither where nor, before the first line, anything at all)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exn:
+                raise DataError(
+                    f"{path}: line {number} is not UTF-8: byte {exn.start + 1} of the line "
+                    f"(0x{raw[exn.start]:02x}) {exn.reason}; save the file as UTF-8 (e.g. "
+                    f"iconv -f latin1 -t utf-8) or remove the line.") from None
+
+
+def _unencodable(path: Path, number: int, field_name: str, value: str) -> None:
+    """A JSON string can spell half of a surrogate pair (\\ud800), which is no character
+    and cannot be written as UTF-8; refused here, not as a traceback from an encoding worker."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exn:
+        raise DataError(
+            f"{path}: line {number}: the '{field_name}' string holds an unpaired surrogate "
+            f"(\\u{ord(value[exn.start]):04x}, character {exn.start + 1}), which is not a "
+            f"character and has no UTF-8 form; JSON escapes between \\ud800 and \\udfff "
+            f"must come in pairs (high, then low). Fix or remove the line.") from None
+
+
 def _text_lines(path: Path) -> Source:
     items = []
-    with path.open(encoding="utf-8", errors="strict") as lines:
-        try:
-            for number, line in enumerate(lines, start=1):
-                text = line.rstrip("\n")
-                if text.strip():  # blank lines are not documents
-                    items.append(SourceItem(make_key(f"{path.stem}_{number:08d}"), f"{path}:{number}", text=text))
-        except UnicodeDecodeError as exn:
-            raise DataError(f"{path}: line {number + 1} is not UTF-8 ({exn.reason}).") from None
+    for number, line in _lines(path):
+        text = line.rstrip("\r\n")
+        if text.strip():  # blank lines are not documents
+            items.append(SourceItem(make_key(f"{path.stem}_{number:08d}"), f"{path}:{number}", text=text))
     return Source(items, "text", None, make_key(path.stem))
 
 
@@ -121,23 +146,24 @@ def _records(path: Path) -> Source:
     """JSONL or CSV: a manifest of image paths, or (JSONL only) text records."""
     rows: list[tuple[int, dict]] = []
     if path.suffix.lower() == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise DataError(f"{path}: a CSV manifest needs a header line with a 'path' column (and optionally 'label'); found {reader.fieldnames}.")
-            rows = [(number, row) for number, row in enumerate(reader, start=2)]
+        reader = csv.DictReader(line for _, line in _lines(path))
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise DataError(f"{path}: a CSV manifest needs a header line with a 'path' column (and optionally 'label'); found {reader.fieldnames}.")
+        rows = [(number, row) for number, row in enumerate(reader, start=2)]
     else:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exn:
-                    raise DataError(f"{path}: line {number} is not valid JSON ({exn.msg}).") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}: line {number} must be a JSON object with 'path' or 'text', not {type(record).__name__}.")
-                rows.append((number, record))
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exn:
+                raise DataError(f"{path}: line {number} is not valid JSON ({exn.msg}).") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {number} must be a JSON object with 'path' or 'text', not {type(record).__name__}.")
+            for key in ("text", "path", "label"):
+                if isinstance(record.get(key), str):
+                    _unencodable(path, number, key, record[key])
+            rows.append((number, record))
     if not rows:
         raise DataError(f"{path} holds no records.")
     is_text = "text" in rows[0][1]
@@ -172,12 +198,28 @@ def _labels(path: Path, rows: list[tuple[int, dict]]) -> list[int] | list[str] |
         number = rows[present.index(False)][0]
         raise DataError(f"{path}: line {number} has no label but other lines do; label every line or none.")
     values = [row["label"] for _, row in rows]
+    for (number, _), value in zip(rows, values):
+        if isinstance(value, str) and value.isdigit() and not value.isascii():
+            # "²" and "٣" pass str.isdigit(); int() refuses the first and reads the second
+            # as 3: neither is taken for a class index, nor silently for a class name.
+            raise DataError(
+                f"{path}: line {number} has label {value!r}, which reads as digits but not "
+                f"the digits 0-9; write class indices with 0-9, or name classes with words.")
     as_ints = [_as_class_index(value) for value in values]
     if all(value is not None for value in as_ints):
         return as_ints
-    for (number, _), value in zip(rows, values):
-        if not isinstance(value, str):
-            raise DataError(f"{path}: line {number} has label {value!r}; labels must be all non-negative integers or all class-name strings.")
+    for (number, _), value, index in zip(rows, values, as_ints):
+        if index is None and not isinstance(value, str):
+            raise DataError(
+                f"{path}: line {number} has label {value!r}, which is neither a class index "
+                f"(an integer from 0) nor a class name (a string).")
+    if any(not isinstance(value, str) for value in values):
+        number, value = next((n, v) for (n, _), v in zip(rows, values) if not isinstance(v, str))
+        name_line, name = next((n, v) for (n, _), v in zip(rows, values) if isinstance(v, str))
+        raise DataError(
+            f"{path}: line {number} has the class index {value!r}, but line {name_line} has "
+            f"the class name {name!r}; labels must be all class indices (integers from 0, "
+            f"also as strings of the digits 0-9) or all class-name strings.")
     return values
 
 
@@ -186,7 +228,7 @@ def _as_class_index(value: object) -> int | None:
         return None
     if isinstance(value, int) and value >= 0:
         return value
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value)
     return None
 
