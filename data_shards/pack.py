@@ -4,6 +4,9 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
+import socket
+import tempfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -165,41 +168,86 @@ def pack(
         "max_shard_bytes": max_shard_bytes, "resize_max_side": resize_max_side, "holdout": holdout, "seed": seed,
         "classes": classes, "max_per_class": max_per_class,
     }  # fmt: skip
-    writers, counts = {}, {}
-    for split, directory in splits.items():
-        directory.mkdir(parents=True, exist_ok=True)
-        # Re-running replaces the previous shards of this prefix instead of adding duplicates.
-        for stale in [*directory.glob(f"{prefix}-*.tar"), directory / INDEX_NAME]:
+    # Shards are written into a hidden folder beside the output and swapped in only once
+    # every sample has been encoded: a source that fails half-way (an image that does not
+    # decode) leaves the shards and index a job may be reading as they were.
+    staging = _staging_folder(out, prefix)
+    try:
+        writers, counts = {}, {}
+        for split in splits:
+            (staging / split).mkdir()
+            writers[split] = wds.ShardWriter(
+                str(staging / split / f"{prefix}-%06d.tar"),
+                maxcount=max_samples_per_shard or 10**12,
+                maxsize=max_shard_bytes or (DEFAULT_MAX_SHARD_BYTES if max_samples_per_shard is None else 10**15),
+                verbose=0,
+                mtime=0,  # a fixed timestamp makes the tar bytes reproducible
+                encoder=False,
+            )
+            counts[split] = Counter()
+
+        columns = [TextColumn("pack {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn()]
+        try:
+            with Progress(*columns, disable=not progress, transient=False) as bar:
+                task = bar.add_task(source, total=len(items))
+                for split, sample in zip(split_of, _encode_in_pool(items, resize_max_side, workers)):
+                    writer = writers[split]
+                    writer.write(sample)
+                    counts[split][os.path.basename(writer.fname)] += 1
+                    bar.advance(task)
+        finally:
+            for writer in writers.values():
+                writer.close()
+
+        for split in splits:
+            shards = [
+                ShardEntry(name=name, samples=count, bytes=(staging / split / name).stat().st_size)
+                for name, count in sorted(counts[split].items())
+            ]
+            raw = IndexFile(
+                prefix=prefix, modality=loaded.modality, shards=shards, total=sum(counts[split].values()),
+                classes=loaded.classes, labelled=items[0].label is not None, split=split, args=args,
+            )  # fmt: skip
+            write_index(staging / split, raw)
+        return [_swap_in(staging / split, directory, prefix) for split, directory in splits.items()]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_folder(out: Path, prefix: str) -> Path:
+    """A new hidden folder in ``out`` (the same filesystem, so that the swap is renames),
+    named by host and process. Folders a killed pack of this prefix on this host left
+    behind are deleted first."""
+    out.mkdir(parents=True, exist_ok=True)
+    host = "".join(c if c.isalnum() or c in "_-" else "_" for c in socket.gethostname())
+    for left in out.glob(f".{prefix}.packing-{host}-*"):
+        pid = left.name.removeprefix(f".{prefix}.packing-{host}-").split("-", 1)[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{prefix}.packing-{host}-{os.getpid()}-", dir=out))
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_in(staged: Path, directory: Path, prefix: str) -> Path:
+    """Replaces the shards of ``prefix`` and the index in ``directory`` by the staged ones
+    (renames on one filesystem); the index goes last, so that it never names a shard that
+    is not there yet. Shards of other prefixes are left alone."""
+    directory.mkdir(parents=True, exist_ok=True)
+    new = {path.name for path in staged.glob(f"{prefix}-*.tar")}
+    for name in sorted(new):
+        os.replace(staged / name, directory / name)
+    # Re-running replaces the previous shards of this prefix instead of adding duplicates.
+    for stale in directory.glob(f"{prefix}-*.tar"):
+        if stale.name not in new:
             stale.unlink(missing_ok=True)
-        writers[split] = wds.ShardWriter(
-            str(directory / f"{prefix}-%06d.tar"),
-            maxcount=max_samples_per_shard or 10**12,
-            maxsize=max_shard_bytes or (DEFAULT_MAX_SHARD_BYTES if max_samples_per_shard is None else 10**15),
-            verbose=0,
-            mtime=0,  # a fixed timestamp makes the tar bytes reproducible
-            encoder=False,
-        )
-        counts[split] = Counter()
-
-    columns = [TextColumn("pack {task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(source, total=len(items))
-        for split, sample in zip(split_of, _encode_in_pool(items, resize_max_side, workers)):
-            writer = writers[split]
-            writer.write(sample)
-            counts[split][os.path.basename(writer.fname)] += 1
-            bar.advance(task)
-
-    index_paths = []
-    for split, directory in splits.items():
-        writers[split].close()
-        shards = [
-            ShardEntry(name=name, samples=count, bytes=(directory / name).stat().st_size)
-            for name, count in sorted(counts[split].items())
-        ]
-        raw = IndexFile(
-            prefix=prefix, modality=loaded.modality, shards=shards, total=sum(counts[split].values()),
-            classes=loaded.classes, labelled=items[0].label is not None, split=split, args=args,
-        )  # fmt: skip
-        index_paths.append(write_index(directory, raw))
-    return index_paths
+    os.replace(staged / INDEX_NAME, directory / INDEX_NAME)
+    return directory / INDEX_NAME
