@@ -79,10 +79,38 @@ def load_tokenizer(directory: str | os.PathLike):
     return _LOADED[key]
 
 
+# A tokenizer truncates only after tokenising the whole text: one 50 MB line cost gigabytes
+# and a minute on every draw. So a long text is given to it from its start only, cut at a
+# word boundary (whitespace), in windows of max_length x 8 characters, doubled until the
+# window holds max_length tokens; a word is never cut, so those tokens are the whole text's.
+# At most max_length x 1,024 characters are ever tokenised: first tokens that span more
+# than that (an unbroken 'word' or a run of spaces 1,024 characters per token) are cut there.
+FIRST_WINDOW_CHARS_PER_TOKEN = 8
+MAX_CHARS_PER_TOKEN = 1024
+
+
+def within_reach(text: str, tokenizer, max_length: int) -> str:
+    """The start of ``text`` that gives the same first ``max_length`` tokens as the whole
+    text (see above); short texts are returned as they are."""
+    window = max_length * FIRST_WINDOW_CHARS_PER_TOKEN
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    while len(text) > window:
+        if window >= limit:
+            return text[:limit]
+        cut = next((i for i in range(window, window // 2, -1) if text[i].isspace()), window)
+        start = text[:cut]
+        if len(tokenizer(start, add_special_tokens=False)["input_ids"]) >= max_length:
+            return start
+        window *= 2
+    return text
+
+
 def tokenize(texts: list[str], config: TextConfig) -> dict[str, dict[str, torch.Tensor]]:
     """Every batch entry of ``config`` for these texts: {entry: {input_ids, attention_mask}}."""
     out = {}
     for entry, directory in config.entries().items():
-        encoded = load_tokenizer(directory)(texts, truncation=True, max_length=config.max_length, padding="longest", return_tensors="pt", return_token_type_ids=False)
+        tokenizer = load_tokenizer(directory)
+        reachable = [within_reach(text, tokenizer, config.max_length) for text in texts]
+        encoded = tokenizer(reachable, truncation=True, max_length=config.max_length, padding="longest", return_tensors="pt", return_token_type_ids=False)
         out[entry] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     return out
