@@ -117,6 +117,8 @@ def test_folders_with_their_own_code_are_refused_without_running_it(
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"{where}: {folder} asks for code of its own: "), lines
     assert "auto_map" in lines[0] and "never run code" in lines[0], lines
+    print(f"\n{what} with code: exit {code}, peak {rss / MiB:.0f} MiB (good spec: "
+          f"{baseline_rss / MiB:.0f} MiB)")
     assert rss < baseline_rss + HEADROOM, (rss / MiB, baseline_rss / MiB)
 
 
@@ -159,6 +161,8 @@ def test_sizes_in_config_json_obey_the_limits_before_anything_is_built(
     assert lines == [f"stages[0].student.arch: {folder / 'config.json'}: {says} (at most "
                      f"{'1,024' if key == 'num_hidden_layers' else '1,000,000'}); check for a "
                      f"typo"], lines
+    print(f"\n{key} {value} in config.json: exit {code}, peak {rss / MiB:.0f} MiB (good spec: "
+          f"{baseline_rss / MiB:.0f} MiB)")
     assert rss < baseline_rss + HEADROOM, (rss / MiB, baseline_rss / MiB)
 
 
