@@ -63,6 +63,12 @@ class ModelFamily:
         raise NotImplementedError
 
     # -- building
+    def file_sizes(self, recipe: ModelRecipe) -> tuple[Path, dict[str, Any]] | None:
+        """A file of the architecture that gives model sizes beside the recipe's kwargs (an
+        ``hf:DIR``'s config.json) and the values it gives, read without building anything,
+        so that the size limits apply to them too; None when there is no such file."""
+        return None
+
     def create(self, recipe: ModelRecipe, drop_path_rate: float | None = None,
                drop_path_schedule: str = "linear") -> nn.Module:
         """A randomly initialised model (weights are loaded separately). ``drop_path_rate``

@@ -119,6 +119,11 @@ class HuggingFaceFamily(ModelFamily):
         return (f"{name} is neither a Hugging Face model directory (no config.json there) nor a "
                 f"transformers model type such as 'bert'" + did_you_mean(name, _model_types(), "type"))
 
+    def file_sizes(self, recipe: ModelRecipe) -> tuple[Path, dict[str, Any]] | None:
+        if not _is_directory(recipe.name):
+            return None
+        return Path(recipe.name) / "config.json", config_file_values(recipe)
+
     def create(self, recipe: ModelRecipe, drop_path_rate: float | None = None,
                drop_path_schedule: str = "linear") -> nn.Module:
         import transformers

@@ -14,7 +14,7 @@ from distill_engine.families import InputShape, ModelFamily, ModelRecipe, arch_p
 from distill_engine.modeling import tracing
 from distill_engine.modeling.taps import tap_problem
 from distill_engine.objectives import ObjectiveError, TapShapes, build_objective
-from distill_engine.spec.schema import StageSpec
+from distill_engine.spec.schema import STAGE_REF, StageSpec
 from distill_engine.spec.size_limits import kwargs_problems, params_problem
 
 from .job import ModelSummary, Problems, StageRefs
@@ -39,7 +39,7 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
                                ("teacher", refs.teacher, refs.teacher_taps)):
         if recipe is None or arch_problem(recipe.arch):
             continue  # no teacher, or already reported
-        if not sane_sizes(recipe, getattr(stage, role).kwargs, f"{here}.{role}.kwargs", problems):
+        if not sane_sizes(recipe, getattr(stage, role), f"{here}.{role}", problems):
             continue
         try:
             model = build_meta(recipe, stage, role)
@@ -105,13 +105,24 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
     return summary
 
 
-def sane_sizes(recipe: ModelRecipe, written: dict, where: str, problems: Problems) -> bool:
-    """Whether the recipe's size-like kwargs are sane enough to build (``size_limits``).
-    Reported for the kwargs written in this stage; those inherited from an earlier stage
-    (``stage:NAME``) were reported there."""
-    found = kwargs_problems(recipe.kwargs)
-    problems.extend((f"{where}.{key}", message) for key, message in found if key in written)
-    return not found
+def sane_sizes(recipe: ModelRecipe, written, where: str, problems: Problems) -> bool:
+    """Whether the recipe's size-like kwargs, and those of its architecture's config file
+    (``hf:DIR``), are sane enough to build (``size_limits``). ``written``: the role's spec
+    section; what is inherited from an earlier stage (``stage:NAME``) was reported there."""
+    in_kwargs, in_file = size_problems(recipe)
+    problems.extend((f"{where}.kwargs.{key}", message) for key, message in in_kwargs
+                    if key in written.kwargs)
+    if not written.arch.startswith(STAGE_REF):
+        problems.extend((f"{where}.arch", message) for message in in_file)
+    return not in_kwargs and not in_file
+
+
+def size_problems(recipe: ModelRecipe) -> tuple[list[tuple[str, str]], list[str]]:
+    """(key, message) for the kwargs out of their limits; messages (naming the file) for
+    the values of the architecture's config file out of theirs."""
+    in_file = recipe.family.file_sizes(recipe)
+    return kwargs_problems(recipe.kwargs), [
+        f"{in_file[0]}: {message}" for _, message in kwargs_problems(in_file[1])] if in_file else []
 
 
 def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problems: Problems) -> None:
@@ -119,7 +130,7 @@ def check_teacher_weights(index: int, stage: StageSpec, refs: StageRefs, problem
     recipe = refs.teacher
     if recipe is None or recipe.weights is None or not recipe.weights.is_file():
         return
-    if arch_problem(recipe.arch) or kwargs_problems(recipe.kwargs):
+    if arch_problem(recipe.arch) or any(size_problems(recipe)):
         return  # reported by check_models
     try:
         model = build_meta(recipe, stage, "teacher")

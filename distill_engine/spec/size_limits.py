@@ -1,4 +1,5 @@
-"""Sanity limits on the sizes a spec gives a model, checked before anything is built.
+"""Sanity limits on the sizes a spec (or a model folder's config.json) gives a model,
+checked before anything is built.
 
 ``--check`` builds both models on the meta device, which costs no tensor memory, but not
 everything a model constructor does is on that device: timm computes stochastic-depth
@@ -40,6 +41,16 @@ LIMITS: dict[str, tuple[str, float]] = {
     "num_labels": ("int", 1_000_000),
     "vocab_size": ("int", 10_000_000),
     "max_position_embeddings": ("int", 1 << 20),
+    # An MAE's decoder (ViTMAE configs) and GPT-2-style names of the same sizes.
+    "decoder_num_hidden_layers": ("int", MAX_BLOCKS),
+    "decoder_hidden_size": ("int", 65_536),
+    "decoder_intermediate_size": ("int", 1 << 20),
+    "decoder_num_attention_heads": ("int", 1024),
+    "n_layer": ("int", MAX_BLOCKS),
+    "n_embd": ("int", 65_536),
+    "n_head": ("int", 1024),
+    "n_inner": ("int", 1 << 20),
+    "n_positions": ("int", 1 << 20),
 }
 # Built models larger than this are refused (the largest trained vision models have ~2e10).
 MAX_PARAMS = 10 ** 12
@@ -78,9 +89,15 @@ def kwarg_problem(key: str, value: Any) -> str | None:
 
 
 def kwargs_problems(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, message) for every size-like keyword argument out of its limits."""
-    return [(key, problem) for key, value in kwargs.items()
-            if (problem := kwarg_problem(key, value))]
+    """(key, message) for every size-like keyword argument out of its limits. A dotted key
+    is a nested config's value (``text_config.num_hidden_layers`` of a config file), judged
+    by its last name and reported under the whole key."""
+    found = []
+    for key, value in kwargs.items():
+        name = key.rsplit(".", 1)[-1]
+        if problem := kwarg_problem(name, value):
+            found.append((key, key + problem.removeprefix(name)))
+    return found
 
 
 def params_problem(count: int) -> str | None:
