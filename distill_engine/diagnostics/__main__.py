@@ -4,8 +4,9 @@
 Writes OUT/attention.json (per model, layer and head: mean attention distance in pixels and
 patches; per layer: head similarity) and OUT/attention.png (the models side by side).
 
-Exit codes: 0 written, 2 bad arguments or inputs (a model that is not a timm ViT, missing
-weights or shards), each with a one-paragraph message.
+Exit codes: 0 written, 2 bad arguments or inputs (a model that is not a timm ViT or not a
+complete timm export, missing or damaged weights, config or shards, text shards, an --out
+that is a file, a count below 1), each with a one-paragraph message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+def positive(text: str) -> int:
+    """A count of at least 1 (``--samples -5`` analysed 59 images: a negative slice)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count; give 1 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--shards", required=True, metavar="DIR",
                            help="image shards with an index (python -m data_shards pack); "
                                 "read in order, centre-cropped as the model's config says")
-    attention.add_argument("--samples", type=int, default=256, metavar="N",
+    attention.add_argument("--samples", type=positive, default=256, metavar="N",
                            help="images to average over (default 256)")
-    attention.add_argument("--batch-size", type=int, default=64, metavar="N",
+    attention.add_argument("--batch-size", type=positive, default=64, metavar="N",
                            help="images per forward (default 64)")
     attention.add_argument("--out", type=Path, required=True, metavar="DIR",
                            help="where attention.json and attention.png are written")
@@ -78,10 +90,67 @@ def load_model(source: str, weights: Path | None, kwargs: dict):
     if not (directory / "config.json").is_file():
         raise InputError(f"{source} is neither timm:NAME nor an export directory (one with "
                          f"config.json and model.safetensors, as a stage's export/ holds)")
-    model = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=True)
+    from data_shards import DataError
+    from data_shards.hf_folders import read_config
+    try:
+        config = read_config(directory / "config.json")
+    except DataError as err:
+        raise InputError(str(err)) from None
+    if "architecture" not in config:
+        what = (f"a Hugging Face transformers export (model_type {config['model_type']!r})"
+                if "model_type" in config else "not a timm export (its config.json names no "
+                "'architecture')")
+        raise InputError(f"{source} is {what}; attention diagnostics read timm vision "
+                         f"transformers: the export of a stage whose student is timm:..., or "
+                         f"timm:NAME with --kwargs and --weights")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        # timm's local-dir: would take another file of the folder (a stage's
+        # probe.safetensors) for the weights; the export's own are read here, by name.
+        raise InputError(f"{source} has no model.safetensors, the export's weights; point "
+                         f"at a complete export (a finished stage's export/)")
+    try:
+        model = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=False)
+    except Exception as err:  # timm: RuntimeError (unknown model), TypeError (bad model_args), ...
+        raise InputError(f"{directory / 'config.json'} does not build a timm model: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    from distill_engine.weights import WeightsError, read_state_dict
+    try:
+        model.load_state_dict(read_state_dict(weights))
+    except (WeightsError, RuntimeError) as err:
+        raise InputError(f"weights {weights} do not load into the model its config.json "
+                         f"describes: {str(err).splitlines()[0]}") from None
     card = directory / "model.json"
-    label = json.loads(card.read_text()).get("stage") if card.is_file() else None
+    try:
+        label = json.loads(card.read_text()).get("stage") if card.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        label = None  # a damaged card: the folder's name labels the model
     return model, label or directory.name
+
+
+def check_shards(shards: str) -> None:
+    """Image shards with a readable index (text shards have no pixels to attend over)."""
+    from data_shards import DataError, ShardIndex
+    try:
+        index = ShardIndex.load(shards)
+    except DataError as err:
+        raise InputError(str(err)) from None
+    if index.modality != "image":
+        raise InputError(f"{shards} holds {index.modality} shards (its index.json says "
+                         f"modality '{index.modality}'); attention diagnostics need image "
+                         f"shards (python -m data_shards pack IMAGE_FOLDER)")
+
+
+def check_out(out: Path) -> None:
+    """``--out`` is a folder, or can be made one (before any model is run)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; attention.json and attention.png are "
+                         f"written into a folder: name one that is not there yet or a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out} cannot be made a folder ({err.strerror}); name "
+                         f"another one") from None
 
 
 def images(model, shards: str, samples: int, batch_size: int):
@@ -155,6 +224,8 @@ def run_attention(args) -> int:
     if args.label and len(args.label) != len(args.model):
         raise InputError(f"give one --label per --model ({len(args.model)} models, "
                          f"{len(args.label)} labels), or none")
+    check_shards(args.shards)
+    check_out(args.out)
     results = {}
     for i, source in enumerate(args.model):
         model, label = load_model(source, args.weights, args.kwargs)
@@ -167,9 +238,11 @@ def run_attention(args) -> int:
         except ValueError as err:
             raise InputError(f"{source}: {err}") from None
         results[label] = {"source": source, **result}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attention.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / "attention.png")
+    try:
+        (args.out / "attention.json").write_text(json.dumps(results, indent=2))
+        plot(results, args.out / "attention.png")
+    except OSError as err:
+        raise InputError(f"cannot write into --out {args.out}: {err}") from None
     print(f"wrote {args.out / 'attention.json'} and {args.out / 'attention.png'}")
     for label, result in results.items():
         distances = " ".join(f"{sum(l['mean_distance_px']) / len(l['mean_distance_px']):.2f}"
