@@ -68,7 +68,12 @@ class TapShapes:
 
 
 class ObjectiveError(ValueError):
-    """A config that cannot work with these models (wrong dims, unmatched token layouts)."""
+    """A config that cannot work with these models (wrong dims, unmatched token layouts).
+    ``field``: the config key at fault, when one is (reported at its YAML path)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 # Runs the student on the given inputs and returns its taps (``output`` included).

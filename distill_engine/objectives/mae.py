@@ -96,6 +96,15 @@ class MaskedAutoencoding(Objective):
                 f"{config.student_tap!r}, which gives {list(shape)}; use task mae_pretraining "
                 f"(ViTMAEForPreTraining) and its output")
         self.patches = shape[1]
+        if self.keep(self.patches) < 1:
+            # No visible patch: the encoder sees nothing, and the first step's loss is not
+            # finite (which would point at the learning rate).
+            raise ObjectiveError(
+                f"mask_ratio {config.mask_ratio} keeps int({self.patches} x (1 - "
+                f"{config.mask_ratio})) = {self.keep(self.patches)} of the student's "
+                f"{self.patches} patches (ViTMAE keeps int(L x (1 - mask_ratio))), so the "
+                f"encoder would see none; use at most 1 - 1/{self.patches} = "
+                f"{1 - 1 / self.patches:.6g} (MAE's is 0.75)", field="mask_ratio")
 
     def keep(self, patches: int) -> int:
         """Patches left visible: ViTMAE's ``int(L * (1 - mask_ratio))``."""

@@ -101,7 +101,8 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             with torch.device("meta"):
                 summary.head_params += _count(build_objective(objective, summary.tap_shapes))
         except ObjectiveError as err:
-            problems.append((f"{here}.objectives[{j}]", str(err)))
+            field = f".{err.field}" if err.field else ""
+            problems.append((f"{here}.objectives[{j}]{field}", str(err)))
     return summary
 
 
