@@ -64,6 +64,8 @@ def load_tokenizer(directory: str | os.PathLike):
     if key not in _LOADED:
         from transformers import AutoTokenizer
 
+        if not Path(key).exists():
+            raise DataError(f"tokenizer directory {key} does not exist; name a local directory saved by a Hugging Face tokenizer's save_pretrained (with tokenizer.json).")
         if not (Path(key) / "tokenizer_config.json").is_file() and not (Path(key) / "tokenizer.json").is_file():
             raise DataError(f"{key} is not a tokenizer directory (no tokenizer.json or tokenizer_config.json); name a local directory saved by a Hugging Face tokenizer's save_pretrained.")
         if problem := custom_code_problem(key):

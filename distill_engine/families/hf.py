@@ -116,6 +116,9 @@ class HuggingFaceFamily(ModelFamily):
             return _directory_problem(name)
         if name in _model_types():
             return None
+        if ("/" in name or name.startswith(".")) and not Path(name).exists():
+            return (f"model directory {name} does not exist (hf:NAME is a local directory "
+                    f"with config.json, or a transformers model type such as 'bert')")
         return (f"{name} is neither a Hugging Face model directory (no config.json there) nor a "
                 f"transformers model type such as 'bert'" + did_you_mean(name, _model_types(), "type"))
 

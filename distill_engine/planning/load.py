@@ -37,10 +37,13 @@ MAX_RANK_MEMORY = 1024 ** 4
 
 
 def _is_missing_input(problem: tuple[str, str]) -> bool:
-    """A weights file or shard directory that is not here (yet)."""
+    """A weights file, shard directory or tokenizer directory that is not here (yet)."""
     path, message = problem
-    return (path.endswith((".teacher.weights", ".student.init", ".data.train", ".data.eval"))
-            and ("does not exist" in message or "a teacher needs weights" in message))
+    inputs = (".teacher.weights", ".student.init", ".data.train", ".data.eval",
+              ".data.text.tokenizer", ".data.text.tokenizers.teacher",
+              ".data.text.tokenizers.student", ".student.arch", ".teacher.arch")
+    return path.endswith(inputs) and ("does not exist" in message
+                                      or "a teacher needs weights" in message)
 
 
 def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 1,
@@ -111,6 +114,11 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
 
     warnings = [p for p in problems if missing_inputs_ok and _is_missing_input(p)]
     problems = [p for p in problems if p not in warnings]
+    if warnings:
+        planned = {plan.index for plan in plans}
+        warnings += [(f"stages[{i}]", f"stage {stage.name!r} is not planned: its models cannot "
+                      f"be built until the inputs above are there")
+                     for i, stage in enumerate(stages) if stage is not None and i not in planned]
     problems = where_written(_not_misspelt(problems, written), written)
     if problems or header is None:
         raise SpecError(source, problems)

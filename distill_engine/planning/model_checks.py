@@ -59,17 +59,21 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             traced = tracing.trace(model, recipe.family, recipe.family.example_input(model, shape))
         except Exception as err:
             problems.append((f"{here}.{role}", f"a forward of {recipe.arch} on "
-                             f"{describe(shape, model, recipe)} fails: "
-                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"))
+                             f"{describe(shape, model, recipe)} fails: {_first_line(err)}"))
             continue
         if not bad:
             built[role] = (model, traced)
     if "student" in built and refs.student_init is not None and refs.student_init.is_file():
         model = built["student"][0]
         family = refs.student.family
-        check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
-                           head=family.classifier_prefixes(model),
-                           ignore=family.init_extra_modules(model), family=family)
+        try:
+            head, ignore = family.classifier_prefixes(model), family.init_extra_modules(model)
+        except Exception as err:  # a family's own failure, reported where it applies
+            problems.append((f"{here}.student.init", f"{refs.student.arch}: cannot tell which "
+                             f"keys of {refs.student_init} the student takes: {_first_line(err)}"))
+        else:
+            check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
+                               head=head, ignore=ignore, family=family)
     if "student" not in built or (refs.teacher is not None and "teacher" not in built):
         return None
 
@@ -103,6 +107,10 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
         except ObjectiveError as err:
             field = f".{err.field}" if err.field else ""
             problems.append((f"{here}.objectives[{j}]{field}", str(err)))
+        except Exception as err:  # any other failure of an objective is still its problem
+            problems.append((f"{here}.objectives[{j}]", (
+                f"the {objective.kind} objective cannot be built for these models: "
+                f"{type(err).__name__}: {_first_line(err)}")))
     return summary
 
 
@@ -153,7 +161,12 @@ def check_weights_file(model: nn.Module, path: Path, where: str, problems: Probl
         problems.append((where, shapes))
         return
     if family is not None:
-        shapes = family.adapt_state_keys(model, shapes)
+        try:
+            shapes = family.adapt_state_keys(model, shapes)
+        except Exception as err:  # a family's own failure, reported where it applies
+            problems.append((where, f"the {family.prefix} family cannot match the keys of "
+                             f"{path} to the model: {_first_line(err)}"))
+            return
     want = weights.expected_shapes(model)
     problem = weights.shape_problems(want, shapes, path, ignore=ignore,
                                      fresh=weights.fresh_head_keys(want, shapes, head))
@@ -162,10 +175,17 @@ def check_weights_file(model: nn.Module, path: Path, where: str, problems: Probl
 
 
 def describe(shape: InputShape, model: nn.Module, recipe: ModelRecipe) -> str:
-    inputs = recipe.family.example_input(model, shape)
+    try:
+        inputs = recipe.family.example_input(model, shape)
+    except Exception:  # the forward's failure is the one reported
+        return "its example input"
     if isinstance(inputs, dict) and "input_ids" in inputs:
         return f"sequences of {shape.seq_len} tokens"
     return f"{shape.image_size}x{shape.image_size} inputs (data.views.geometry.size)"
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _count(module: nn.Module) -> int:
