@@ -38,8 +38,8 @@ def check_inputs(index: int, stage: StageSpec, models: dict[str, tuple[ModelReci
         if modality is None:
             continue
         for role, (recipe, model) in models.items():
-            reads = recipe.family.input_modality(model)
-            if reads != modality:
+            reads = _reads(recipe, model)
+            if reads is not None and reads != modality:
                 wanted = ("text shards (pack a .txt or a JSONL of {\"text\", \"label\"})"
                           if reads == "text" else "image shards")
                 problems.append((f"{here}.{key}", (
@@ -57,30 +57,74 @@ def check_inputs(index: int, stage: StageSpec, models: dict[str, tuple[ModelReci
                              f"text shards only (remove it, or give text shards)"))
     if data.text is None:
         return
+    loaded = check_tokenizers(here, data.text, problems)
     for role, (recipe, model) in models.items():
-        if recipe.family.input_modality(model) != "text":
+        if _reads(recipe, model) != "text":
             continue
         directory = data.text.for_role(role)
-        where = f"{here}.text.{'tokenizer' if data.text.tokenizer is not None else 'tokenizers'}"
         if directory is None:
-            problems.append((where, f"no tokenizer for the {role}: add tokenizers.{role}"))
+            problems.append((f"{here}.text.tokenizers", f"no tokenizer for the {role}: add "
+                             f"tokenizers.{role}"))
             continue
-        try:
-            tokenizer = load_tokenizer(directory)
-        except DataError as err:
-            problems.append((where, str(err)))
-            continue
+        tokenizer = loaded.get(directory)
+        if tokenizer is None:
+            continue  # reported by check_tokenizers
         config = model.config
-        if len(tokenizer) > config.vocab_size:
-            problems.append((where, (
-                f"the tokenizer in {directory} has {len(tokenizer):,} tokens but the {role} "
-                f"{recipe.arch} embeds only vocab_size={config.vocab_size:,}; give the {role} "
-                f"kwargs vocab_size: {len(tokenizer)} (or the tokenizer it was trained with)")))
+        # The largest id, not the count: a vocabulary with gaps (41 tokens, ids past 1,000)
+        # gives ids the embedding does not have (an IndexError on every rank's first step).
+        ids = max(tokenizer.get_vocab().values(), default=-1) + 1
+        if ids > config.vocab_size:
+            count = "" if ids == len(tokenizer) else f" (its {len(tokenizer):,} tokens have gaps)"
+            problems.append((_tokenizer_path(here, data.text, role), (
+                f"the tokenizer in {directory} gives ids up to {ids - 1:,}{count}, but the "
+                f"{role} {recipe.arch} embeds only vocab_size={config.vocab_size:,}; give the "
+                f"{role} kwargs vocab_size: {ids} (or the tokenizer it was trained with)")))
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and data.text.max_length > positions:
             problems.append((f"{here}.text.max_length", (
                 f"{data.text.max_length} tokens, but the {role} {recipe.arch} has "
                 f"max_position_embeddings={positions}; use at most {positions}")))
+
+
+def check_tokenizers(here: str, text, problems: Problems) -> dict:
+    """Each tokenizer directory of ``data.text`` loaded once (directory -> tokenizer, for
+    those that load), with its problems: one that is not there (a warning for --plan of a
+    recipe whose data is still to come), one that does not load, one without a padding
+    token (the stream pads every batch to its longest text)."""
+    loaded, seen = {}, set()
+    for entry, directory in text.entries().items():
+        if directory in seen:
+            continue  # a directory both roles read: reported once
+        seen.add(directory)
+        where = _tokenizer_path(here, text, entry)
+        try:
+            tokenizer = load_tokenizer(directory)
+        except DataError as err:
+            problems.append((where, str(err)))
+            continue
+        if tokenizer.pad_token_id is None:
+            problems.append((where, (
+                f"the tokenizer in {directory} has no padding token (GPT-2-style tokenizers "
+                f"have none), and the stream pads each batch to its longest text; save it "
+                f"with one, e.g. tokenizer.pad_token = tokenizer.eos_token (or "
+                f"add_special_tokens({{'pad_token': '[PAD]'}}) and a model with one more "
+                f"vocabulary entry), then save_pretrained")))
+            continue
+        loaded[directory] = tokenizer
+    return loaded
+
+
+def _tokenizer_path(here: str, text, role: str) -> str:
+    """Where a role's tokenizer is written: data.text.tokenizer (shared) or tokenizers.ROLE."""
+    return (f"{here}.text.tokenizer" if text.tokenizer is not None
+            else f"{here}.text.tokenizers.{role}")
+
+
+def _reads(recipe: ModelRecipe, model: nn.Module) -> str | None:
+    try:
+        return recipe.family.input_modality(model)
+    except Exception:  # a family that cannot tell: the forward check reports the model
+        return None
 
 
 def describe_text(stage: StageSpec) -> str | None:
