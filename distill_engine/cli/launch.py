@@ -98,12 +98,12 @@ def hold_run_dir(lock, job: JobPlan, restart_from: str | None) -> bool:
 
     from distill_engine.training.fingerprint import restart_from as move_aside
     from distill_engine.training.progress import console
-    from distill_engine.training.run_lock import RunDirInUse
+    from distill_engine.training.run_lock import RunDirInUse, RunDirUnusable
     problem = None
     if lock is not None:
         try:
             note = lock.acquire()
-        except RunDirInUse as err:
+        except (RunDirInUse, RunDirUnusable) as err:
             problem = f"error: {err}"
             print(problem, file=sys.stderr)
         else:

@@ -23,6 +23,20 @@ from pathlib import Path
 from distill_engine.spec.units import memory_size
 
 
+def count(what: str):
+    """An argparse type: a whole number of at least 1 (``--world-size -3`` was planned
+    with, as -96 samples per step; ``--world-size 0`` was silently 1)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {what}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} is not a number of {what}; give 1 or more")
+        return value
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
@@ -47,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory", default=None, metavar="SIZE", type=memory_size,
                         help="with --plan: memory of one GPU, e.g. 80GB; says whether the job "
                              "fits and, if not, which setting would make it fit")
-    parser.add_argument("--world-size", type=int, default=None,
+    parser.add_argument("--world-size", type=count("ranks"), default=None,
                         help="ranks to check batch arithmetic against (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+    parser.add_argument("--stop-after", type=count("steps"), default=None, metavar="STEPS",
                         help="stop (with a checkpoint) after this many steps in this run; "
                              "running the same command again resumes")
     parser.add_argument("--restart-from", default=None, metavar="STAGE",
@@ -67,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         # Say it ourselves rather than let DeepSpeed warn on every rank that it found no GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = args.world_size if args.world_size is not None else int(
+        os.environ.get("WORLD_SIZE", "1"))
     is_first_rank = os.environ.get("RANK", "0") == "0"
 
     from distill_engine.planning.load import load_plan

@@ -28,7 +28,7 @@ from .memory import stage_facts
 from .model_checks import check_models, check_teacher_weights
 from .placement import place
 from .references import (check_batch, check_batch_against_data, check_files, count_steps,
-                         resolve_references)
+                         resolve_references, run_dir_problem)
 from .text_checks import check_inputs
 
 # More memory per rank than any accelerator (or host of CPU ranks) has: a spec whose plan
@@ -42,8 +42,10 @@ def _is_missing_input(problem: tuple[str, str]) -> bool:
     inputs = (".teacher.weights", ".student.init", ".data.train", ".data.eval",
               ".data.text.tokenizer", ".data.text.tokenizers.teacher",
               ".data.text.tokenizers.student", ".student.arch", ".teacher.arch")
-    return path.endswith(inputs) and ("does not exist" in message
-                                      or "a teacher needs weights" in message)
+    # A run_dir on the cluster's disks, planned from a laptop, is not there either.
+    return (path.endswith(inputs) and ("does not exist" in message
+                                       or "a teacher needs weights" in message)
+            or path == "run_dir")
 
 
 def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 1,
@@ -73,6 +75,8 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
     raw_names = [s.get("name") if isinstance(s, dict) and isinstance(s.get("name"), str) else None
                  for s in raw_stages]
     run_dir = header.run_dir if header else Path(".")
+    if header and (problem := run_dir_problem(run_dir)):
+        problems.append(("run_dir", problem))
 
     plans: list[StagePlan] = []
     all_refs = resolve_references(run_dir, stages, raw_names, problems)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,27 @@ def read_index(url: str) -> dict[str, Any] | None:
             return raw if isinstance(raw, dict) else None
         except (OSError, json.JSONDecodeError):
             return None
+    return None
+
+
+def run_dir_problem(run_dir: Path) -> str | None:
+    """Why the job could not make or write ``run_dir``, as far as can be told without
+    writing (a path through a file, a folder this user cannot write, a read-only mount),
+    or None."""
+    run_dir = Path(run_dir)
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == run_dir and not run_dir.is_dir():
+        return (f"{run_dir} is a file, not a folder; run_dir names the folder everything "
+                f"the job writes goes under")
+    if not existing.is_dir():
+        return (f"{run_dir} cannot be created: {existing} is a file, not a folder; name a "
+                f"run_dir whose parents are folders")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{run_dir} cannot be {'written' if existing == run_dir else 'created'}: "
+                f"{existing} is not writable by this user (a read-only mount, or another "
+                f"user's folder); name a run_dir on a disk the job can write")
     return None
 
 

@@ -32,6 +32,10 @@ class RunDirInUse(Exception):
     """Another live job holds the run directory."""
 
 
+class RunDirUnusable(Exception):
+    """The run directory cannot be made or written (what --check could not tell)."""
+
+
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
@@ -40,8 +44,14 @@ class RunLock:
     def acquire(self) -> str | None:
         """Takes the lock or raises ``RunDirInUse`` naming the holder. Returns a note when a
         lock left by a dead job was taken over."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as err:
+            raise RunDirUnusable(
+                f"run_dir {self.path.parent} cannot be made or written ({err.strerror or err}"
+                f"{': ' + err.filename if err.filename else ''}); nothing was written. Name a "
+                f"run_dir on a disk this job can write") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

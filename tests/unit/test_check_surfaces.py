@@ -191,3 +191,49 @@ def test_a_tokenizer_without_a_padding_token_is_refused(tmp_path, text_shards):
     assert line.startswith(f"stages[0].data.text.tokenizer: the tokenizer in {tokenizer} has "
                            f"no padding "
                            f"token (GPT-2-style tokenizers have none)"), line
+
+
+# ---------------------------------------------------------------------------- 16. --world-size
+
+def tiny_spec(tmp_path: Path, digits_shards: Path, run_dir: Path | str | None = None) -> Path:
+    from helpers import DIGITS_STUDENT, TINY_VIT_ARCH
+    stage = {"name": "ce", "objectives": [{"kind": "cross_entropy"}],
+             "student": {"arch": TINY_VIT_ARCH, "kwargs": DIGITS_STUDENT},
+             "data": {"train": str(digits_shards / "train"), "micro_batch_size": 32,
+                      "views": {"geometry": {"size": 24}}},
+             "optimisation": {"lr": 1e-3, "steps": 2}}
+    return write_spec(tmp_path / "job.yaml", {
+        "name": "t", "run_dir": str(run_dir or tmp_path / "run"), "stages": [stage]})
+
+
+@pytest.mark.parametrize("flags", [["--check", "--world-size", "-3"],
+                                   ["--check", "--world-size", "0"],
+                                   ["--plan", "--world-size=-2"]])
+def test_a_world_size_below_one_is_refused_naming_the_flag(tmp_path, digits_shards, capsys, flags):
+    from distill_engine.cli.main import main as cli_main
+    spec = tiny_spec(tmp_path, digits_shards)
+    # Before: "32 per rank x -3 ranks = -96" and a valid spec; 0 silently 1; a plan of
+    # "-2037.8 MiB" that fit.
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--spec", str(spec), *flags])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    value = flags[-1].split("=")[-1]
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: argument --world-size: {value} is not a number of ranks; give 1 or more"), err
+
+
+# ---------------------------------------------------------------------------- 17. run_dir
+
+def test_a_run_dir_that_cannot_be_created_is_refused_at_check(tmp_path, digits_shards):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for run_dir, says in ((a_file / "run", f"{a_file / 'run'} cannot be created: {a_file} is "
+                                           f"a file, not a folder"),
+                          (a_file, f"{a_file} is a file, not a folder")):
+        code, out, err = check_in_process(tiny_spec(tmp_path, digits_shards, run_dir))
+        # Before: --check passed; the launch died with NotADirectoryError from the run lock.
+        assert code == 2, out + err
+        (line,) = problem_lines(err)
+        assert line.startswith(f"run_dir: {says}"), line
+    assert a_file.read_text() == "not a folder"
