@@ -51,6 +51,9 @@ class CheckpointError(RuntimeError):
 
 
 TAG_PATTERN = re.compile(r"step\d{8}")  # not TAG.corrupt
+# Every name the engine gives a folder in checkpoints/: a tag, or a tag that did not verify.
+# Pruning deletes only these: a hand copy (step00000002.bak/, best_by_hand/) is the user's.
+OWN_NAMES = re.compile(r"step\d{8}(\.corrupt)?")
 
 
 def tag_of(step: int) -> str:
@@ -210,8 +213,9 @@ def _prune(directory: Path, keep: int) -> None:
         shutil.rmtree(directory / old, ignore_errors=True)
     newest = tags[-1] if tags else None
     for path in directory.iterdir():  # saves that were cut off, tags that did not verify
+        ours = OWN_NAMES.fullmatch(path.name)
         incomplete = not TAG_PATTERN.fullmatch(path.name) or not (path / MARKER).exists()
-        if path.is_dir() and incomplete and newest and path.name < newest:
+        if ours and path.is_dir() and incomplete and newest and path.name < newest:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -274,31 +278,52 @@ def resume(engine, directory: Path, tag: str) -> dict[str, Any]:
 # at the batch that covers as many samples as had been consumed (``stream_state_after``).
 
 DONE = "CONVERTED"  # written last by rank 0: the universal copy is whole (or why it is not)
+# Written instead when a signal stopped the conversion: the copy is not whole, but nothing
+# is wrong with the checkpoint, so the next run converts it again.
+INTERRUPTED = "INTERRUPTED"
 
 
 def universal_copy(checkpoint_dir: Path, tag: str) -> Path:
     """Collective: the universal copy of ``checkpoint_dir/tag``, converted by rank 0 on
     first use. The other ranks wait on a file rather than a collective, whose timeout
-    (deepspeed.timeout_s) a large conversion may outlast."""
+    (deepspeed.timeout_s) a large conversion may outlast. A conversion that a signal stops
+    (the converter runs in the job's process group, so SIGTERM reaches it too) stops the
+    job as a preemption does, and is redone by the next run."""
+    from . import preemption
     out = checkpoint_dir.parent / "universal" / tag
-    done = out / DONE
+    done, interrupted = out / DONE, out / INTERRUPTED
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and not done.is_file():
+    convert = rank == 0 and not done.is_file()
+    if convert:
+        shutil.rmtree(out, ignore_errors=True)  # a copy an earlier run left half-made
+        out.mkdir(parents=True)
+    _barrier()  # no rank waits before an earlier run's INTERRUPTED is gone
+    if convert:
         started = time.perf_counter()
         log.info("converting checkpoint %s to a universal checkpoint in %s to resume at "
                  "another world size", checkpoint_dir / tag, out)
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
         converted = subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
              str(checkpoint_dir / tag), "--output_folder", str(out),
              "--num_extract_workers", "1", "--num_merge_workers", "1"],
             capture_output=True, text=True)
-        failure = (converted.stderr.strip().splitlines() or ["no message"])[-1]
-        done.write_text("ok" if converted.returncode == 0 else f"failed: {failure}")
-        log.info("converted in %.1f s", time.perf_counter() - started)
-    while not done.is_file():
+        if converted.returncode < 0 or (converted.returncode != 0
+                                        and preemption.stop_requested_here()):
+            # Killed by a signal (or stopped by the one this rank was sent): not a failure.
+            interrupted.write_text(f"stopped by signal {-converted.returncode}"
+                                   if converted.returncode < 0 else preemption.stop_reason())
+        else:
+            failure = (converted.stderr.strip().splitlines() or ["no message"])[-1]
+            done.write_text("ok" if converted.returncode == 0 else f"failed: {failure}")
+            log.info("converted in %.1f s", time.perf_counter() - started)
+    while not done.is_file() and not interrupted.is_file():
         time.sleep(0.5)
+    if not done.is_file():
+        step = int(read_marker(checkpoint_dir / tag).get("step", 0))
+        raise preemption.Preempted(
+            f"{preemption.stop_reason()} while checkpoint {tag}, saved at another world size, "
+            f"was being converted for this one (the conversion is redone next time)",
+            preemption.stop_signal(), step, tag)
     if done.read_text() != "ok":
         raise CheckpointError(
             f"checkpoint {checkpoint_dir / tag} was saved at another world size and could not "
