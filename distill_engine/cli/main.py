@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # --plan plans for GPUs (bf16); otherwise the models are placed for this machine.
         job = load_plan(args.spec, args.set, world_size, missing_inputs_ok=args.plan,
-                        accelerator_bf16=True if args.plan else None)
+                        accelerator_bf16=True if args.plan else None,
+                        restart_from=args.restart_from)
     except SpecError as err:
         if is_first_rank:
             print(err, file=sys.stderr)

@@ -49,11 +49,14 @@ def _is_missing_input(problem: tuple[str, str]) -> bool:
 
 
 def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 1,
-              missing_inputs_ok: bool = False, accelerator_bf16: bool | None = None) -> JobPlan:
+              missing_inputs_ok: bool = False, accelerator_bf16: bool | None = None,
+              restart_from: str | None = None) -> JobPlan:
     """``missing_inputs_ok`` (memory planning) turns missing weights files and shard
     directories into warnings: a memory plan needs shapes only, and paper-scale specs name
     weights and data that live on the cluster. ``accelerator_bf16``: whether ``auto``
-    dtypes are bf16 when placing the models (None: ask this machine's accelerator)."""
+    dtypes are bf16 when placing the models (None: ask this machine's accelerator).
+    ``restart_from``: the stage --restart-from trains again (it and the stages after it
+    are planned as if they had not run)."""
     source = str(path)
     written = apply_overrides(read_yaml(path), list(overrides or []), source)
     raw = with_stage_defaults(written)
@@ -79,7 +82,7 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
         problems.append(("run_dir", problem))
 
     plans: list[StagePlan] = []
-    all_refs = resolve_references(run_dir, stages, raw_names, problems)
+    all_refs = resolve_references(run_dir, stages, raw_names, problems, restart_from)
     for i, (stage, refs) in enumerate(zip(stages, all_refs)):
         if stage is None or refs is None:
             continue

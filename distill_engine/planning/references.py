@@ -21,11 +21,18 @@ from .job import Problems, StageRefs, StepCount, global_batch
 
 
 def resolve_references(run_dir: Path, stages: list[StageSpec | None],
-                       raw_names: list[str | None], problems: Problems) -> list[StageRefs | None]:
+                       raw_names: list[str | None], problems: Problems,
+                       restarting: str | None = None) -> list[StageRefs | None]:
     """Stage references and architectures. Stages that failed validation are None: they
-    are skipped, and references to them are not reported twice."""
+    are skipped, and references to them are not reported twice. ``restarting``: the stage
+    --restart-from trains again, with every stage after it (their exports are to come)."""
     refs: list[StageRefs | None] = []
     names: dict[str, int] = {}
+    restart_at = raw_names.index(restarting) if restarting in raw_names else len(stages)
+
+    def check_export(source: StageRefs, path: str) -> None:
+        if names[source.name] < restart_at and (problem := lost_export(source)):
+            problems.append((path, problem))
     for i, stage in enumerate(stages):
         here = f"stages[{i}]"
         if stage is None:
@@ -62,6 +69,7 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
             source = earlier(stage.student.init, f"{here}.student.init")
             if source:
                 student_init = source.export_dir / "model.safetensors"
+                check_export(source, f"{here}.student.init")
         elif stage.student.init != "scratch":
             student_init = Path(stage.student.init)
             if not student_init.is_file():
@@ -77,6 +85,7 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
                     exported = exported_student(source)
                     teacher = ModelRecipe(exported.arch, exported.kwargs,
                                           source.export_dir / "model.safetensors")
+                    check_export(source, f"{here}.teacher.arch")
             else:
                 teacher = ModelRecipe(stage.teacher.arch, dict(stage.teacher.kwargs),
                                       stage.teacher.weights)
@@ -105,6 +114,19 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
         refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, student, student_init,
                               taps_s, taps_t) if student is not None else None)
     return refs
+
+
+def lost_export(source: StageRefs) -> str | None:
+    """Why a finished stage's export cannot be read from, or None. A finished stage is not
+    trained again, so an export that lost its weights would fail a later stage reading it
+    after DeepSpeed started, on every rank."""
+    weights = source.export_dir / "model.safetensors"
+    if not (source.export_dir / "metrics.json").is_file() or weights.is_file():
+        return None  # to be trained by this run, or there
+    return (f"stage {source.name!r} is finished (its export/metrics.json is there) but its "
+            f"weights {weights} do not exist any more, and a finished stage is not trained "
+            f"again; put the file back, or run with --restart-from {source.name} to train it "
+            f"and every stage after it again (their folders are moved aside, not deleted)")
 
 
 def exported_student(source: StageRefs) -> ModelRecipe:
