@@ -6,9 +6,11 @@
 #   3. pack     the digits shards with their 20 % held-out split, as scripts/quickstart.sh does;
 #   4. check    python launch/run.py --spec jobs/quickstart.yaml --check --world-size 2;
 #   5. run      jobs/quickstart.yaml on 2 CPU ranks, then the held-out accuracies are compared
-#               with the ones the README states.
+#               with the ones the README states, within ACCURACY_TOLERANCE points (default
+#               2.5): the run is deterministic on one machine and build, but other CPUs'
+#               kernels round differently and moved the figures by up to about 2 points.
 # It prints the image size and the time of each phase. Exit code 0 only if every phase
-# passed and the accuracies match.
+# passed and the accuracies are within the tolerance.
 #   sudo apt-get install buildah mmdebstrap     # once
 #   bash scripts/build_image.sh
 # Environment: IMAGE (default localhost/distill-engine:cpu), BASE_IMAGE
@@ -20,6 +22,8 @@ IMAGE=${IMAGE:-localhost/distill-engine:cpu}
 BASE_IMAGE=${BASE_IMAGE:-localhost/distill-engine-base:bookworm}
 # The accuracies (held-out, %) that the README states for jobs/quickstart.yaml.
 EXPECTED="teacher=84.32 finetune_distilled=76.61 finetune_scratch=49.61"
+# Points (of %) an accuracy may differ by: other CPUs give other figures (README, quickstart).
+ACCURACY_TOLERANCE=${ACCURACY_TOLERANCE:-2.5}
 
 for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null || { echo "build_image: $tool is missing (apt-get install buildah mmdebstrap)" >&2; exit 1; }
@@ -123,18 +127,8 @@ begin "run: deepspeed --num_gpus 2 launch/run.py --spec jobs/quickstart.yaml"
 in_image deepspeed --num_gpus 2 --master_port "$port" launch/run.py --spec jobs/quickstart.yaml
 in_image sh -c "rm -f /dev/shm/deepspeed_allreduce_buffer_*_${port}_*"
 status=0
-in_image python - "$EXPECTED" > "$WORK/accuracy.txt" <<'EOF' || status=$?
-import json, sys
-bad = 0
-for item in sys.argv[1].split():
-    stage, want = item.split("=")
-    got = json.load(open(f"runs/quickstart/{stage}/export/metrics.json"))["accuracy"]
-    got = 100 * got if got <= 1 else got
-    ok = f"{got:.2f}" == want
-    bad += not ok
-    print(f"{stage:<19} {got:6.2f} %   README {want} %   {'ok' if ok else 'DIFFERENT'}")
-sys.exit(1 if bad else 0)
-EOF
+in_image python - "$EXPECTED" "$ACCURACY_TOLERANCE" < scripts/quickstart_accuracy.py \
+  > "$WORK/accuracy.txt" || status=$?
 end run "4 stages on 2 CPU ranks"
 
 echo
