@@ -287,7 +287,7 @@ CHILD = """
 import json, resource, sys
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_AS)[1]))
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests/unit", "tests"]  # the module itself, and helpers.py beside it
 import test_bad_input as t
 work = Path(sys.argv[1])
 print(json.dumps(t.try_generated_broken_specs(t.make_base(work), t.tiny_vit_modules(), work)))
