@@ -47,7 +47,7 @@ def _models(plan, device, dtype):
     """The pruned teacher (weights loaded, frozen) and the student built as the engine
     builds it (job seed), in ``dtype`` on ``device``."""
     import torch
-    from distill_engine.tracing import prune_after
+    from distill_engine.modeling.tracing import prune_after
     from distill_engine.weights import read_state_dict
     teacher = plan.teacher.family.create(plan.teacher)
     teacher.load_state_dict(read_state_dict(plan.teacher.weights))
@@ -175,19 +175,6 @@ def torchdistill_step_fn(plan, images, device, dtype, fused: bool):
     return step
 
 
-def synchronised(step, device: str):
-    """``step`` followed by a wait for the device, so that a host timer sees the whole step."""
-    import torch
-    if not device.startswith("cuda"):
-        return step
-
-    def timed():
-        out = step()
-        torch.cuda.synchronize()
-        return out
-    return timed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds of steps")
@@ -201,9 +188,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from deepspeed.accelerator import get_accelerator
     common.init_distributed()
-    device = get_accelerator().current_device_name()
+    device = common.device()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     work = Path(tempfile.mkdtemp(prefix="bench_peers_"))
     job = common.fd_job(work, {**TEACHER, "img_size": args.size}, {**STUDENT, "img_size": args.size},
@@ -225,7 +211,7 @@ def main() -> None:
     unknown = [s for s in chosen if s not in builders]
     if unknown:
         sys.exit(f"bench_peers: unknown side(s) {unknown}; choose from {list(builders)}")
-    sides = {name: synchronised(builders[name](), device) for name in chosen}
+    sides = {name: common.synchronised(builders[name](), device) for name in chosen}
     warm = {}
     for name, step in sides.items():  # allocator, optimizer state, caches
         started = time.perf_counter()
@@ -245,10 +231,10 @@ def main() -> None:
     fmt = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
     rows = "\n".join(f"| {name} | {rate[name]:.2f} | {warm[name]:.1f} | {fmt(seconds[name])} |"
                      for name in sides)
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load = common.load_average()
     body = (f"FD step, ViT-B/16 teacher (pruned at `norm`) -> ViT-S/16 student, {args.size} px, "
             f"batch {args.batch}, {args.dtype}, 1 rank on {device}; engine placement: teacher "
-            f"{engine.placement.teacher.name}, student {engine.placement.student.name}; torch "
+            f"{plan.placement.teacher.name}, student {plan.placement.student.name}; torch "
             f"threads {torch.get_num_threads()}; {args.rounds} alternating rounds (rotated order) "
             f"after {args.warmup} warm-up steps each; load average {load} at the end.\n\n"
             f"| side | median samples/s | {args.warmup} warm-up steps (s) | step times (s) |\n"
