@@ -253,8 +253,9 @@ class StageTrainer:
                                                                    self.step + stop_after)
         every_log = self.spec.logging.every_steps
         every_save = self.spec.checkpointing.every_steps
+        # Rank 0 logs, so it alone counts the FLOPs and probes the device's peak.
         flops_per_step, peak = step_timing.stage_flops(self.plan, self.device, self.student_dtype,
-                                                       log if self.rank == 0 else None)
+                                                       log) if self.rank == 0 else (None, None)
         progress = StageProgress(self.spec.name, self.plan.dir, self.total_steps, self.step,
                                  self.plan.global_batch, enabled=self.rank == 0,
                                  tensorboard=self.spec.logging.tensorboard, peak_flops=peak)
@@ -279,7 +280,8 @@ class StageTrainer:
                           "bad_samples": self.bad_samples_all_ranks(),
                           "step_s": round(time.perf_counter() - started, 5),
                           "data_wait_s": round(data_wait, 5),
-                          **self.timing.take(), "model_flops": flops_per_step}
+                          **self.timing.take(),
+                          **({"model_flops": flops_per_step} if flops_per_step else {})}
                 first_loss = first_loss if first_loss is not None else record["loss"]
                 log_now = self.step % every_log == 0 or self.step in (1, self.total_steps)
                 progress.step(self.step, record, log_now)
