@@ -233,9 +233,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def summary_table(rows: list[dict[str, Any]]) -> Table:
     """One row per stage; a stage that trains no classifier shows the kNN accuracy of its
     features instead of a head accuracy."""
-    table = Table(title="distillation summary")
+    table = Table(title="distillation summary",
+                  caption="time %: the shares of the steps spent in the teacher's forward / "
+                          "the student's forward and backward / the optimizer step / waiting "
+                          "for data")
     for column in ("stage", "teacher", "steps", "first loss", "last loss", "held-out acc.",
-                   "kNN acc.", "time: teacher/student/opt./data", "MFU"):
+                   "kNN acc.", "time %", "MFU"):
         table.add_column(column, no_wrap=True)
     for row in rows:
         teacher = (row.get("teacher") or "-").split(":", 1)[-1]
@@ -247,10 +250,10 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _shares(shares: dict[str, float] | None) -> str:
-    """``38/45/9/1 %``: the teacher, student, optimizer and data-wait shares of the steps."""
+    """``38/45/9/1``: the teacher, student, optimizer and data-wait shares of the steps, %."""
     if not shares:
         return "-"
-    return "/".join(f"{100 * shares[part]:.0f}" for part in TIMED_PARTS) + " %"
+    return "/".join(f"{100 * shares[part]:.0f}" for part in TIMED_PARTS)
 
 
 def _percent(value: float | None, digits: int = 2) -> str:

@@ -113,8 +113,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, bursts: int = 3)
     device = torch.device(device)
     cuda = device.type == "cuda"
     size = 8192 if cuda else 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # Its own generator: the probe must not move the global one that seeds drop path & co.
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(size, size, device=device, generator=generator).to(dtype) for _ in "ab")
 
     def burst(repeats: int) -> float:
         if cuda:

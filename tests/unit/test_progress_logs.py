@@ -82,4 +82,4 @@ def test_lines_records_and_the_summary_say_where_the_time_went_and_the_mfu(tmp_p
     console = Console(width=200)
     with console.capture() as table:
         console.print(summary_table([row]))
-    assert "40/30/10/10 %" in table.get() and "40.0%" in table.get()
+    assert "40/30/10/10" in table.get() and "40.0%" in table.get()

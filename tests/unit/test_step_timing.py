@@ -49,3 +49,14 @@ def test_flops_are_counted_on_the_traced_models_and_masked_kd_halves_the_teacher
     assert half["student"] == full["student"]
     # 9 of 17 tokens: a little over half the teacher's FLOPs (attention is quadratic).
     assert 0.45 < half["teacher"] / full["teacher"] < 0.6
+
+
+def test_the_peak_probe_leaves_the_global_generator_alone():
+    # Drop path & co. draw from the global generator, seeded per stage and rank: a probe
+    # that drew from it would change what rank 0 learns.
+    from distill_engine.training.step_timing import matmul_peak_flops
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32) > 0
+    assert torch.equal(torch.rand(4), expected)
