@@ -2,12 +2,12 @@
 all its patch tokens and with half of them (``teacher_tokens: 0.5``), held-out accuracy and
 samples/s, on and off.
 
-One job on the digits shards (24 px, patch 4: 36 patches and a class token), 1 rank: a ViT
-teacher (width 192, 6 blocks) trained with labels, then soft-label distillation into the
-quickstart's small student (width 64, 3 blocks), the same stage with the teacher on all its
-tokens and on half, repeated (off, on, off, on) so that the speed of a shared machine is
-compared within the run; the repeats give the same accuracies (the runs are seeded), their
-speeds differ. Speed = median samples/s of the logged intervals after the first, and the
+One job on the digits shards (24 px, patch 4: 36 patches and a class token), 1 rank: the
+quickstart's ViT teacher (width 96, 4 blocks) trained with labels, then soft-label
+distillation into the quickstart's small student (width 64, 3 blocks), the same stage with
+the teacher on all its tokens and on half, repeated (off, on, off, on) so that the speed of a
+shared machine is compared within the run; each repeat is another seed (the stage's index
+seeds its initialisation and masks). Speed = median samples/s of the logged intervals after the first, and the
 teacher's share of the step from the time shares.
 
     python bench/bench_masked_kd.py [--steps 200 --teacher-steps 300]
@@ -25,7 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TEACHER = {"img_size": 24, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3,
+# The quickstart's teacher (84 % held-out after 300 steps; a wider one at this learning rate
+# sat on its plateau at 21 %) and its distilled student.
+TEACHER = {"img_size": 24, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3,
            "num_classes": 10}
 STUDENT = {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2,
            "num_classes": 10}
@@ -90,20 +92,25 @@ def main() -> None:
         rows.append(f"| {stage.name} | {tokens} | {100 * accuracy:.2f}% | {speed:.1f} | "
                     f"{'-' if share is None else f'{100 * share:.0f}%'} |")
     ratios = [half[1] / full[1] for full, half in zip(figures["all"], figures["half"])]
-    accuracy_change = 100 * (figures["half"][0][0] - figures["all"][0][0])
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    accuracy = {k: mean([a for a, _ in v]) for k, v in figures.items()}
+    teacher_accuracy = json.loads((work / "run" / "teacher" / "export" / "metrics.json")
+                                  .read_text())["accuracy"]
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     body = (f"Digits shards (24 px, patch 4: 36 patches + class token), 1 rank, fp32. Teacher: "
-            f"ViT width 192, 6 blocks, {args.teacher_steps} steps with labels; students: width "
+            f"ViT width 96, 4 blocks, {args.teacher_steps} steps with labels "
+            f"({100 * teacher_accuracy:.2f}% held-out); students: width "
             f"64, 3 blocks, soft-label distillation for {args.steps} steps each, the teacher "
             f"fed all its patch tokens or half (`teacher_tokens: 0.5`), alternating "
-            f"{args.repeats} times; held-out accuracy of each student (389 images). Load "
+            f"{args.repeats} times (each repeat another seed); held-out accuracy of each student (389 images). Load "
             f"average {load} at the end.\n\n"
             f"| stage | teacher tokens | held-out acc. | median samples/s | teacher share of the step |\n"
             f"|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\n- **samples/s with half the teacher's tokens / with all, per repeat: "
             f"{', '.join(f'{r:.3f}' for r in ratios)}**\n"
-            f"- held-out accuracy, half / all tokens: {100 * figures['half'][0][0]:.2f}% / "
-            f"{100 * figures['all'][0][0]:.2f}% ({accuracy_change:+.2f} points)")
+            f"- held-out accuracy, mean over the repeats, half / all tokens: "
+            f"{100 * accuracy['half']:.2f}% / {100 * accuracy['all']:.2f}% "
+            f"({100 * (accuracy['half'] - accuracy['all']):+.2f} points)")
     print(body)
     if not args.no_record:
         common.record("MaskedKD at micro scale", body)
