@@ -77,7 +77,7 @@ def main() -> None:
             f"plus the two processes' shared memory bandwidth on one machine).")
     print(body)
     if not args.no_record:
-        common.record("2 ranks against 1", body)
+        common.record("2 ranks against 1 (weak scaling)", body)
     print(f"ratio per-rank samples/s 2 ranks / 1 rank (weak scaling): {ratio:.3f}")
 
 
