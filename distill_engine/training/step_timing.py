@@ -36,7 +36,8 @@ class StepTiming:
     def __init__(self, device: torch.device):
         self.events = torch.device(device).type == "cuda"
         self._marks: list[tuple[str | None, Any]] = []
-        self._steps: deque[list[tuple[str | None, Any]]] = deque()
+        # Bounded: a caller that never takes (a benchmark's loop) keeps the latest steps only.
+        self._steps: deque[list[tuple[str | None, Any]]] = deque(maxlen=1024)
 
     def begin_step(self) -> None:
         self._marks = []  # a step left out (a non-finite loss) leaves no parts behind
