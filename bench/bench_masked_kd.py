@@ -66,15 +66,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps of each distillation stage")
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="a work directory of an earlier, interrupted run: its job resumes "
+                             "(finished stages are kept)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     import yaml
-    work = Path(tempfile.mkdtemp(prefix="bench_masked_kd_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_masked_kd_"))
     data = work / "digits"
-    subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
-                    str(data), "--prefix", "digits", "--holdout", "0.2", "--seed", "0",
-                    "--max-samples-per-shard", "300", "--no-progress"], check=True, cwd=common.ROOT,
-                   capture_output=True)
+    if not (data / "train" / "index.json").is_file():
+        subprocess.run([sys.executable, "-m", "data_shards", "pack", "sklearn:digits", "--out",
+                        str(data), "--prefix", "digits", "--holdout", "0.2", "--seed", "0",
+                        "--max-samples-per-shard", "300", "--no-progress"], check=True,
+                       cwd=common.ROOT, capture_output=True)
     spec = work / "masked_kd.yaml"
     written = job(work / "run", data, args.steps, args.teacher_steps, args.repeats)
     spec.write_text(yaml.safe_dump(written, sort_keys=False))
