@@ -6,9 +6,10 @@ One job on the digits shards (24 px, patch 4: 36 patches and a class token), 1 r
 quickstart's ViT teacher (width 96, 4 blocks) trained with labels, then soft-label
 distillation into the quickstart's small student (width 64, 3 blocks), the same stage with
 the teacher on all its tokens and on half, repeated (off, on, off, on) so that the speed of a
-shared machine is compared within the run; each repeat is another seed (the stage's index
-seeds its initialisation and masks). Speed = median samples/s of the logged intervals after the first, and the
-teacher's share of the step from the time shares.
+shared machine is compared within the run; the all-token repeats are identical, the
+half-token repeats draw other subsets (the step generator is seeded by the stage's index).
+Speed = median samples/s of the logged intervals after the first, and the teacher's share
+of the step from the time shares.
 
     python bench/bench_masked_kd.py [--steps 200 --teacher-steps 300]
 """
@@ -106,8 +107,8 @@ def main() -> None:
             f"({100 * teacher_accuracy:.2f}% held-out); students: width "
             f"64, 3 blocks, soft-label distillation for {args.steps} steps each, the teacher "
             f"fed all its patch tokens or half (`teacher_tokens: 0.5`), alternating "
-            f"{args.repeats} times (each repeat another seed); held-out accuracy of each student (389 images). Load "
-            f"average {load} at the end.\n\n"
+            f"{args.repeats} times (each half-token repeat draws other subsets); held-out "
+            f"accuracy of each student (389 images). Load average {load} at the end.\n\n"
             f"| stage | teacher tokens | held-out acc. | median samples/s | teacher share of the step |\n"
             f"|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\n- **samples/s with half the teacher's tokens / with all, per repeat: "
