@@ -1,8 +1,9 @@
 """A teacher that sees a random subset of its patch tokens (MaskedKD, Son et al., "The
 Role of Masking for Efficient Supervised Knowledge Distillation of Vision Transformers",
 arXiv 2302.10494): for objectives that read only the teacher's class token or its pooled
-tokens (``soft_label``, ``hidden``), half the patch tokens give about the same targets for
-about half the teacher's FLOPs.
+tokens (``soft_label``, ``hidden``), half the patch tokens cost about half the teacher's
+FLOPs; the paper finds the targets about as good for ImageNet-size images, while on 24 px
+digits they were much worse (BENCHMARKS.md, "MaskedKD at micro scale").
 
 The subset is taken right after the position embeddings, where a timm VisionTransformer
 runs its ``patch_drop`` (PatchDropout, an identity unless it drops tokens in training):
