@@ -53,10 +53,12 @@ def bare_step_fn(plan, images, fused: bool = True):
     teacher = plan.teacher.family.create(plan.teacher)
     teacher.load_state_dict(read_state_dict(plan.teacher.weights))
     prune_after(teacher, plan.models.teacher_trace, plan.teacher_taps)
-    teacher.eval().requires_grad_(False)
+    teacher.to(device=images.device, dtype=images.dtype).eval().requires_grad_(False)
     torch.manual_seed(0)  # the job seed: the engine's student starts from the same weights
     student = plan.student.family.create(plan.student, stage.student.drop_path_rate)
     objective = build_objective(stage.objectives[0], plan.models.tap_shapes)
+    student.to(device=images.device, dtype=images.dtype)
+    objective.to(device=images.device, dtype=images.dtype)
     holder = torch.nn.Module()
     holder.model, holder.objectives = student, torch.nn.ModuleList([objective])
     holder.family = plan.student.family
@@ -93,13 +95,16 @@ def timm_task_step_fn(plan, images):
     teacher.load_state_dict(read_state_dict(plan.teacher.weights))
     torch.manual_seed(0)
     student = plan.student.family.create(plan.student, plan.spec.student.drop_path_rate)
-    task = FeatureDistillationTask(student, DistillationTeacher(teacher), verbose=False)
+    teacher.to(device=images.device, dtype=images.dtype)
+    student.to(device=images.device, dtype=images.dtype)
+    task = FeatureDistillationTask(student, DistillationTeacher(teacher), device=images.device,
+                                   dtype=images.dtype, verbose=False)
     task.teacher.requires_grad_(False)
     task.train()
     opt = plan.spec.optimisation
     optimizer = torch.optim.AdamW(task.trainable_module.parameters(), lr=plan.lr,
                                   betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-    labels = torch.zeros(images.shape[0], dtype=torch.long)
+    labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
 
     def step():
         loss = task(images, labels)["loss"]
@@ -135,7 +140,7 @@ def main() -> None:
     plan = job.stages[0]
     plan.spec.deepspeed.student_overrides.update(json.loads(args.student_overrides))
     batches = common.fixed_batches(args.batch, args.size)
-    images = next(batches)["image"]
+    images = next(batches)["image"].to(common.device())
     engine = common.engine_trainer(job, plan, batches)
     sides = {"engine": engine.train_step, "bare": bare_step_fn(plan, images),
              "bare, foreach AdamW": bare_step_fn(plan, images, fused=False),
@@ -144,6 +149,7 @@ def main() -> None:
         compiled = common.engine_trainer(job, plan, common.fixed_batches(args.batch, args.size))
         compiled.student.compile()
         sides["engine, compiled student"] = compiled.train_step
+    sides = {name: common.synchronised(step) for name, step in sides.items()}
     fmt = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
     warm = {}
     for name, step in sides.items():  # warm-up: allocator, optimizer state, caches, compiling

@@ -3,6 +3,10 @@ and writing a result into BENCHMARKS.md.
 
 Timings on this shared 2-core machine are noisy, so every speed figure is a ratio against a
 baseline measured in the same run, interleaved, median of the repetitions.
+
+The benchmarks run on DeepSpeed's CPU accelerator unless ``DS_ACCELERATOR`` names another
+(``bench/gpu_check.sh`` sets ``cuda``); with ``BENCH_REQUIRE_DEVICE`` set they refuse to run
+anywhere else rather than time the CPU.
 """
 
 from __future__ import annotations
@@ -18,8 +22,71 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MACHINE = "2 cores, 24 GiB, no GPU (CPU ranks, gloo)"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def machine() -> str:
+    """This machine in a few words, as BENCHMARKS.md names it."""
+    cores = os.cpu_count()
+    memory = int(_meminfo("MemTotal")) / 1024 ** 2
+    if on_cuda():
+        import torch
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        return (f"{torch.cuda.device_count()} x {', '.join(names)}, {cores} CPU cores, "
+                f"{memory:.0f} GiB (CUDA ranks, NCCL)")
+    return f"{cores} cores, {memory:.0f} GiB, no GPU (CPU ranks, gloo)"
+
+
+def _meminfo(field: str) -> str:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split()[1]  # kB
+    return "0"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how shared the machine was."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# ---------------------------------------------------------------------------- device
+
+def on_cuda() -> bool:
+    return os.environ.get("DS_ACCELERATOR") == "cuda"
+
+
+def device() -> str:
+    """The device the benchmark's tensors go to (DeepSpeed's accelerator, this rank's)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().current_device_name()
+
+
+def synchronised(step, on: str | None = None):
+    """``step`` followed by a wait for the device, so that a host timer sees the whole step
+    (on an asynchronous accelerator; the CPU's calls return when their work is done)."""
+    import torch
+    if not (on or device()).startswith("cuda"):
+        return step
+
+    def timed(*args, **kwargs):
+        out = step(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+    return timed
+
+
+def require_device() -> None:
+    """With ``BENCH_REQUIRE_DEVICE`` (gpu_check.sh): stop unless that device is what runs."""
+    wanted = os.environ.get("BENCH_REQUIRE_DEVICE")
+    if not wanted:
+        return
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    name = get_accelerator().device_name()
+    if name != wanted or (wanted == "cuda" and not torch.cuda.is_available()):
+        sys.exit(f"benchmark asked to run on {wanted} (BENCH_REQUIRE_DEVICE) but DeepSpeed's "
+                 f"accelerator is {name!r} (torch.cuda.is_available() = "
+                 f"{torch.cuda.is_available()}); not timing the CPU instead")
 
 
 # ---------------------------------------------------------------------------- memory
@@ -34,6 +101,30 @@ def _status(field: str) -> int:
 
 def rss() -> int:
     return _status("VmRSS")
+
+
+# What a rank holds: the CUDA allocator's live bytes on a GPU, resident memory (with
+# EXACT_MALLOC: live tensors) on the CPU.
+def held() -> int:
+    if on_cuda():
+        import torch
+        return torch.cuda.memory_allocated()
+    return rss()
+
+
+def peak_held() -> int:
+    if on_cuda():
+        import torch
+        return torch.cuda.max_memory_allocated()
+    return peak_rss()
+
+
+def reset_peak_held() -> None:
+    if on_cuda():
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak()
 
 
 def peak_rss() -> int:
@@ -78,10 +169,16 @@ def free_port() -> int:
 def init_distributed() -> None:
     """DeepSpeed's process group: as launched by ``deepspeed``, or this one process alone."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    require_device()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend="gloo")
+    if on_cuda():
+        import torch
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # gloo on the CPU, NCCL on CUDA: the accelerator's own backend, as the engine uses.
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
 
 
 def remove_shm_buffers() -> None:
@@ -93,15 +190,17 @@ def remove_shm_buffers() -> None:
 
 
 def launch(script: Path, *args: str, ranks: int = 2, timeout: int = 900,
-           exact_memory: bool = False) -> str:
-    """``deepspeed --num_gpus N script args``: real CPU ranks; returns stdout.
-    ``exact_memory``: glibc set so that peak RSS follows live tensors (for memory figures,
-    not timings: every large block is then a fresh mapping)."""
+           exact_memory: bool = False, threads: int | None = None) -> str:
+    """``deepspeed --num_gpus N script args``: real ranks (CPU ranks unless DS_ACCELERATOR
+    says otherwise); returns stdout. ``exact_memory``: glibc set so that peak RSS follows
+    live tensors (for memory figures, not timings: every large block is then a fresh
+    mapping). ``threads``: torch threads per rank (OMP_NUM_THREADS)."""
     import subprocess
     port = free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "DS_ACCELERATOR": os.environ["DS_ACCELERATOR"], "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
-           **(EXACT_MALLOC if exact_memory else {})}
+           **(EXACT_MALLOC if exact_memory else {}),
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parents[1] / "torch_extensions"))
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
                "--master_port", str(port), str(script), *args]
@@ -185,10 +284,10 @@ def record(title: str, body: str, command: str | None = None) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = (f"## {title}\n\nCommand: `{command or command_line()}`\n\n"
-               f"Machine: {MACHINE}; torch {torch.__version__}, Python "
-               f"{platform.python_version()}. Date: {datetime.date.today().isoformat()}. "
-               f"Speed figures are ratios measured side by side in one run (the machine is "
-               f"shared).\n\n{body.strip()}\n\n")
+               f"Machine: {machine()}; torch {torch.__version__}, Python "
+               f"{platform.python_version()}. Date: {datetime.date.today().isoformat()}; load "
+               f"average {load_average()} at the end. Speed figures are ratios measured side "
+               f"by side in one run (the machine is shared).\n\n{body.strip()}\n\n")
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section
@@ -227,11 +326,12 @@ def measured(stdout: str) -> list[dict[str, Any]]:
 
 def measure_memory(job_file: Path, *, ranks: int = 1, steps: int = 2, teacher_only: bool = False,
                    random_teacher: bool = False, compare_bare: bool = False,
-                   exact_memory: bool = True, timeout: int = 900) -> list[dict[str, Any]]:
+                   exact_memory: bool = True, timeout: int = 900,
+                   threads: int | None = None) -> list[dict[str, Any]]:
     args = ["--job", str(job_file), "--steps", str(steps)]
     args += ["--teacher-only"] if teacher_only else []
     args += ["--compare-bare"] if compare_bare else []
     args += ["--random-teacher"] if random_teacher else []
     script = Path(__file__).resolve().parent / "measure_memory.py"
     return measured(launch(script, *args, ranks=ranks, timeout=timeout,
-                           exact_memory=exact_memory))
+                           exact_memory=exact_memory, threads=threads))

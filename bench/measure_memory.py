@@ -51,10 +51,10 @@ def alternate_with_bare(plan, teacher, images, pairs: int) -> dict[str, list[flo
     from distill_engine.modeling.tracing import prune_after
     bare = plan.teacher.family.create(plan.teacher)
     prune_after(bare, plan.models.teacher_trace, plan.teacher_taps)
-    bare.to(images.dtype).eval().requires_grad_(False)
+    bare.to(device=images.device, dtype=images.dtype).eval().requires_grad_(False)
     seconds = {"engine": [], "bare": []}
     for _ in range(pairs):
-        for name, forward in (("engine", teacher), ("bare", bare.forward_features)):
+        for name, forward in (("engine", teacher), ("bare", common.synchronised(bare.forward_features))):
             started = time.perf_counter()
             with torch.no_grad():
                 forward(images)
@@ -87,43 +87,46 @@ def main() -> None:
     job = load_plan(args.job, world_size=world, missing_inputs_ok=args.random_teacher)
     plan = job.stages[0]
     # A warm-up all-reduce maps DeepSpeed's shm buffer before the baseline is taken.
-    dist.all_reduce(torch.zeros(1))
+    dist.all_reduce(torch.zeros(1, device=common.device()))
     common.trim()
-    common.reset_peak()
-    base = common.rss()
+    common.reset_peak_held()
+    base = common.held()
     result = {"rank": dist.get_rank(), "world_size": world}
     size = plan.spec.data.views.geometry.size
     batch = plan.spec.data.micro_batch_size
     if args.teacher_only:
         teacher, dtype = (random_teacher(plan) if args.random_teacher
                           else build_teacher(plan, job.spec.seed, plan.placement.teacher))
-        result["build_peak"] = common.peak_rss() - base
+        result["build_peak"] = common.peak_held() - base
         common.trim()
-        result["teacher_held"] = common.rss() - base
-        images = next(common.fixed_batches(batch, size))["image"].to(dtype)
+        result["teacher_held"] = common.held() - base
+        images = next(common.fixed_batches(batch, size))["image"].to(common.device(), dtype)
+        teacher = common.synchronised(teacher)
         times, peaks = [], []
         for _ in range(args.steps):
             started = time.perf_counter()
             teacher(images)
             times.append(time.perf_counter() - started)
-            peaks.append(common.peak_rss() - base)  # from the second on: ZeRO-3 prefetches
+            peaks.append(common.peak_held() - base)  # from the second on: ZeRO-3 prefetches
         result["forward_s"] = times
         result["peak_after_forward"] = peaks
         if args.compare_bare:
-            result["peak"] = common.peak_rss() - base
+            result["peak"] = common.peak_held() - base
             result["alternating"] = alternate_with_bare(plan, teacher, images, args.steps)
     else:
         trainer = common.engine_trainer(job, plan, common.fixed_batches(batch, size))
         common.trim()
-        result["held_after_build"] = common.rss() - base
+        result["held_after_build"] = common.held() - base
         result["step_s"] = []
+        result["threads"] = torch.get_num_threads()
+        step = common.synchronised(trainer.train_step)
         for _ in range(args.steps):
             started = time.perf_counter()
-            trainer.train_step()
+            step()
             result["step_s"].append(time.perf_counter() - started)
         result["placement"] = [p.name for p in (plan.placement.teacher,
                                                 plan.placement.student) if p is not None]
-    result.setdefault("peak", common.peak_rss() - base)
+    result.setdefault("peak", common.peak_held() - base)
     print("MEASURED " + json.dumps(result), flush=True)
     common.remove_shm_buffers()
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from distill_engine.suggest import did_you_mean
 
+from . import token_subset
 from .base import InputShape, ModelFamily, ModelRecipe, register_family
 
 
@@ -52,6 +53,9 @@ class TimmFamily(ModelFamily):
         return torch.randn(size, generator=generator).to(device)
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
+        if isinstance(inputs, dict) and token_subset.KEEP in inputs:  # MaskedKD's teacher
+            with token_subset.tokens_kept(model, inputs[token_subset.KEEP]):
+                return model(inputs[token_subset.PIXELS])
         return model(inputs)
 
     def features(self, model: nn.Module, inputs: Any) -> torch.Tensor:

@@ -29,6 +29,7 @@ from distill_engine.families.masking import MASK_RATIO, masks_inside
 from distill_engine.modeling.inputs import model_inputs, original_student_inputs, to_model
 
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from .soft_label import check_teacher_tokens, teacher_subset
 
 # Where prepare() keeps the student's unmasked input for the second pass.
 UNMASKED_STUDENT = "hidden/unmasked_student"
@@ -64,6 +65,9 @@ class HiddenConfig(ObjectiveConfig):
     teacher_tap: str = Field("vit.layernorm", description="the same for the teacher")
     token: Literal["first", "mean"] = Field("first", description="first (CLS) token, or the "
                                             "mean of all tokens")
+    teacher_tokens: float = Field(
+        1.0, gt=0.0, le=1.0, description="fraction of its patch tokens a ViT teacher sees, a "
+        "random subset drawn per step (MaskedKD: 0.5); 1 = all")
 
     def student_taps(self) -> list[str]:
         return [self.student_tap]
@@ -114,12 +118,14 @@ class HiddenStateMatching(Objective):
         self.masks_inside = {"student": masks_inside(shapes.student_model),
                              "teacher": masks_inside(shapes.teacher_model)}
         self.second_pass = _encoder_activations(shapes.student_model, student[1])
+        check_teacher_tokens(config, shapes)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        return {**batch,
-                UNMASKED_STUDENT: unmasked(original_student_inputs(batch),
-                                           self.masks_inside["student"]),
-                "teacher": unmasked(model_inputs(batch, "teacher"), self.masks_inside["teacher"])}
+        batch = {**batch,
+                 UNMASKED_STUDENT: unmasked(original_student_inputs(batch),
+                                            self.masks_inside["student"]),
+                 "teacher": unmasked(model_inputs(batch, "teacher"), self.masks_inside["teacher"])}
+        return teacher_subset(batch, self.config.teacher_tokens, generator)
 
     def forward(self, student_taps, teacher_taps, batch, student=None):
         if student is None:
@@ -130,7 +136,8 @@ class HiddenStateMatching(Objective):
         inputs = to_model(batch[UNMASKED_STUDENT], first_pass.device, first_pass.dtype)
         student_tokens = student(inputs)[self.config.student_tap]
         teacher_tokens = teacher_taps[self.config.teacher_tap]
-        if student_tokens.shape[1] != teacher_tokens.shape[1]:
+        # (A teacher fed a subset of its tokens, MaskedKD, sees fewer on purpose.)
+        if student_tokens.shape[1] != teacher_tokens.shape[1] and self.config.teacher_tokens == 1:
             raise ObjectiveError(
                 f"the unmasked student pass gave {student_tokens.shape[1]} tokens and the "
                 f"teacher {teacher_tokens.shape[1]}: both must see the whole input")

@@ -9,6 +9,9 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from distill_engine.families import token_subset
+from distill_engine.modeling.inputs import model_inputs
+
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
 
@@ -42,6 +45,9 @@ class SoftLabelConfig(ObjectiveConfig):
                                description="weight of the labels' cross-entropy (paper: 0)")
     student_tap: str = Field("output", description="the student's logits [B, classes]")
     teacher_tap: str = Field("output", description="the teacher's logits [B, classes]")
+    teacher_tokens: float = Field(
+        1.0, gt=0.0, le=1.0, description="fraction of its patch tokens a ViT teacher sees, a "
+        "random subset drawn per step (MaskedKD: 0.5); 1 = all")
     # The student's classifier learns the teacher's class distribution: its accuracy is the
     # stage's measure (Well-Read Students scores the distilled student directly).
     trains_classifier: ClassVar[bool] = True
@@ -67,6 +73,10 @@ class SoftLabel(Objective):
                 f"models: the student tap {config.student_tap!r} gives {list(student)}, the "
                 f"teacher tap {config.teacher_tap!r} gives {list(teacher)}; give both the same "
                 f"num_classes (timm) or num_labels (hf, task: sequence_classification)")
+        check_teacher_tokens(config, shapes)
+
+    def prepare(self, batch, generator):
+        return teacher_subset(batch, self.config.teacher_tokens, generator)
 
     def forward(self, student_taps, teacher_taps, batch, student=None):
         config = self.config
@@ -76,3 +86,23 @@ class SoftLabel(Objective):
                            "no 'label'")
         return soft_label_loss(student_taps[config.student_tap], teacher_taps[config.teacher_tap],
                                config.temperature, labels, config.hard_weight)
+
+
+def check_teacher_tokens(config: ObjectiveConfig, shapes: TapShapes) -> None:
+    """``teacher_tokens`` below 1 needs a teacher whose patch tokens can be subsampled."""
+    if config.teacher_tokens < 1.0 and shapes.teacher_model is not None \
+            and not token_subset.supports(shapes.teacher_model):
+        raise ObjectiveError(
+            f"teacher_tokens {config.teacher_tokens} (MaskedKD) feeds the teacher a subset of "
+            f"its patch tokens, which needs a ViT teacher (a timm VisionTransformer: the "
+            f"tokens are dropped where it runs patch_drop); this teacher, "
+            f"{type(shapes.teacher_model).__name__}, has no such place: use teacher_tokens 1")
+
+
+def teacher_subset(batch: dict, fraction: float, generator) -> dict:
+    """The batch whose teacher input asks for ``fraction`` of its patch tokens (MaskedKD),
+    drawn from this step's generator; unchanged at 1."""
+    if fraction >= 1.0:
+        return batch
+    return {**batch, "teacher": token_subset.with_subset(model_inputs(batch, "teacher"),
+                                                         fraction, generator)}

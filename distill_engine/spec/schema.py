@@ -146,6 +146,10 @@ class DeepSpeedSpec(Strict):
     device_memory: str | None = Field(
         None, description="memory of one device (e.g. 80GB) that auto placement plans "
                           "against; default: the device's own (CPU ranks: RAM / local ranks)")
+    device_peak_flops: float | None = Field(
+        None, gt=0, description="peak FLOP/s of one device in the student's dtype (e.g. "
+                                "9.89e14 for an H100's dense bf16) that MFU is reported against; "
+                                "default: what a matmul achieves on the device at stage start")
     teacher_overrides: dict[str, Any] = Field(default_factory=dict)
     student_overrides: dict[str, Any] = Field(default_factory=dict)
     timeout_s: int = Field(600, ge=10, le=7 * 24 * 3600,

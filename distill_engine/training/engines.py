@@ -4,6 +4,7 @@ sharded) and a trainable student (ZeRO-0 to 3, as placed), around the root modul
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -161,6 +162,9 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
             "weight_decay": opt.weight_decay, "torch_adam": True,
             "fused": fused_adamw_available()}},
         scheduler=scheduler_config(plan, total_steps, warmup_steps),
+        # DeepSpeed's throughput timer waits for the device twice a step (to time it); the
+        # trainer times steps itself, without waiting (training.step_timing).
+        timers={"throughput": {"enabled": False}},
     )
     torch.manual_seed(job_seed)
     family = recipe.family
@@ -196,8 +200,22 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
         # One rank without ZeRO has nothing to all-reduce; DeepSpeed would still flatten
         # every gradient into buckets, "reduce" them and copy them back, each step.
         engine.enable_backward_allreduce = False
+    if zero_stage(config) == 0:
+        engine.clip_fp32_gradients = functools.partial(clip_gradients, engine)
     module.attach_taps(plan.student_taps)
     return engine, dtype
+
+
+def clip_gradients(engine) -> torch.Tensor:
+    """Gradient clipping of a student without ZeRO (where DeepSpeed calls
+    ``clip_fp32_gradients``): torch's ``clip_grad_norm_``, one foreach pass over the
+    gradients. DeepSpeed's own loops over the tensors in Python (a norm and a scaling kernel
+    per tensor) and all-reduces the norm over the data-parallel group, which only MoE
+    models need: without ZeRO every rank holds the same averaged gradients, so the norm, the
+    clipping coefficient and the update are the same."""
+    return torch.nn.utils.clip_grad_norm_(
+        [p for p in engine.module.parameters() if p.grad is not None],
+        engine.gradient_clipping())
 
 
 def _short(names: list[str], limit: int = 6) -> str:

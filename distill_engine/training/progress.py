@@ -52,21 +52,33 @@ def setup_logging(rank: int) -> None:
         pass
 
 
+# The parts of a step whose time a record may carry (``{part}_s``), and what a log line calls
+# each share: the teacher's forward, the student's forward and backward, the optimizer step
+# (training.step_timing) and the wait for data (the trainer).
+TIMED_PARTS = ("teacher", "student", "optimizer", "data_wait")
+LINE_ORDER = (("data_wait", "data wait"), ("teacher", "teacher"), ("student", "student"),
+              ("optimizer", "optimizer"))
+
+
 class StageProgress:
     """Progress display, metrics log and TensorBoard events for one stage; a no-op on
     ranks other than 0.
 
     Every ``logging.every_steps`` steps (and at the first and last) one record goes to
     ``metrics.jsonl``: the losses averaged over the steps since the previous record, the
-    learning rate, samples/s and the share of time spent waiting for data. On a terminal a
-    rich bar shows it; where stderr is a file (a cluster job's log) the bar would print only
-    at the end, so a plain line is printed per record instead. Evaluation results go to
-    ``eval.jsonl``.
+    learning rate, samples/s, where the steps' time went (the shares of the teacher's
+    forward, the student's forward and backward, the optimizer step and the wait for data,
+    from the records' ``*_s`` timings) and the model FLOPs utilisation (``mfu``: the
+    records' ``model_flops`` per second over ``peak_flops``). On a terminal a rich bar shows
+    it; where stderr is a file (a cluster job's log) the bar would print only at the end, so
+    a plain line is printed per record instead. Evaluation results go to ``eval.jsonl``.
     """
 
     def __init__(self, stage: str, directory: Path, total_steps: int, start_step: int,
-                 samples_per_step: int, enabled: bool, tensorboard: bool = False):
+                 samples_per_step: int, enabled: bool, tensorboard: bool = False,
+                 peak_flops: float | None = None):
         self.enabled = enabled
+        self.peak_flops = peak_flops
         self.stage = stage
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
@@ -104,7 +116,8 @@ class StageProgress:
         if not self.enabled:
             return
         for key, value in record.items():
-            if key == "loss" or key.startswith("loss/") or key in ("step_s", "data_wait_s"):
+            if key == "loss" or key.startswith("loss/") or key.endswith("_s") or \
+                    key == "model_flops":
                 self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
         if log_now:
@@ -113,7 +126,8 @@ class StageProgress:
                 out.write(json.dumps(record) + "\n")
             if self.writer is not None:
                 for key, value in record.items():
-                    if key.startswith("loss") or key in ("lr", "samples_per_s", "data_wait_share"):
+                    if key.startswith("loss") or key.endswith("_share") or \
+                            key in ("lr", "samples_per_s", "mfu"):
                         self.writer.add_scalar(f"train/{key}", value, step)
             if self.plain:
                 console.print(self._line(step, record), markup=False, highlight=False,
@@ -130,9 +144,13 @@ class StageProgress:
         self._last_time, self._last_step = now, step
         averaged = {k: round(v / self._count, 5) if k.endswith("_s") else v / self._count
                     for k, v in self._sums.items()}
-        share = self._sums.get("data_wait_s", 0.0) / max(self._sums.get("step_s", 0.0), 1e-9)
+        step_s = max(self._sums.get("step_s", 0.0), 1e-9)
+        shares = {f"{part}_share": round(self._sums[f"{part}_s"] / step_s, 4)
+                  for part in TIMED_PARTS if f"{part}_s" in self._sums}
+        if self.peak_flops and "model_flops" in self._sums:
+            shares["mfu"] = round(self._sums["model_flops"] / step_s / self.peak_flops, 4)
         out = {**record, **averaged, "steps_averaged": self._count,
-               "samples_per_s": round(self.rate, 2), "data_wait_share": round(share, 4)}
+               "samples_per_s": round(self.rate, 2), **shares}
         self._sums, self._count = {}, 0
         return out
 
@@ -140,9 +158,12 @@ class StageProgress:
         elapsed = time.perf_counter() - self._started
         done = step - self._start_step
         eta = elapsed / done * (self.total_steps - step) if done else 0.0
+        shares = " ".join(f"{name} {record[f'{part}_share']:.0%}"
+                          for part, name in LINE_ORDER if f"{part}_share" in record)
+        mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
         return (f"{self.stage} step {step}/{self.total_steps} loss {record['loss']:.4f} "
-                f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s data wait "
-                f"{record['data_wait_share']:.0%} ETA {_duration(eta)}")
+                f"lr {record['lr']:.3g} {record['samples_per_s']:.1f} samples/s {shares}{mfu} "
+                f"ETA {_duration(eta)}")
 
     def evaluation(self, step: int, result: dict[str, Any]) -> None:
         """Records an evaluation result (``accuracy`` or ``knn_accuracy``) at ``step``."""
@@ -212,20 +233,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def summary_table(rows: list[dict[str, Any]]) -> Table:
     """One row per stage; a stage that trains no classifier shows the kNN accuracy of its
     features instead of a head accuracy."""
-    table = Table(title="distillation summary")
+    table = Table(title="distillation summary",
+                  caption="time %: the shares of the steps spent in the teacher's forward / "
+                          "the student's forward and backward / the optimizer step / waiting "
+                          "for data")
     for column in ("stage", "teacher", "steps", "first loss", "last loss", "held-out acc.",
-                   "kNN acc."):
+                   "kNN acc.", "time %", "MFU"):
         table.add_column(column, no_wrap=True)
     for row in rows:
         teacher = (row.get("teacher") or "-").split(":", 1)[-1]
         table.add_row(row["stage"], teacher, str(row["steps"]), _fmt(row.get("first_loss")),
                       _fmt(row.get("last_loss")), _percent(row.get("accuracy")),
-                      _percent(row.get("knn_accuracy")))
+                      _percent(row.get("knn_accuracy")), _shares(row.get("time_shares")),
+                      _percent(row.get("mfu"), 1))
     return table
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
+def _shares(shares: dict[str, float] | None) -> str:
+    """``38/45/9/1``: the teacher, student, optimizer and data-wait shares of the steps, %."""
+    if not shares:
+        return "-"
+    return "/".join(f"{100 * shares[part]:.0f}" for part in TIMED_PARTS)
+
+
+def _percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
 
 
 def _fmt(value: float | None) -> str:

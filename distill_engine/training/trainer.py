@@ -30,7 +30,7 @@ from distill_engine.planning.job import JobPlan, StagePlan, StepCount
 from distill_engine.planning.references import count_steps
 from distill_engine.tensors import first_tensor
 
-from . import checkpoints, fingerprint, preemption
+from . import checkpoints, fingerprint, preemption, step_timing
 from .engines import build_student, build_teacher, shard_counts
 from .evaluation import Evaluation
 from .export import class_names, make_readable, preprocessing, save_export
@@ -46,7 +46,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def all_mean(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank: nothing to average
         values = values.clone()
         dist.all_reduce(values)
         values /= dist.get_world_size()
@@ -121,6 +121,7 @@ class StageTrainer:
                                                          self.job.spec.seed, placement.student)
         self.step = 0
         self.skipped_steps = self.skipped_in_a_row = 0
+        self.timing = step_timing.StepTiming(self.device)
 
     def resume(self) -> None:
         """From the newest complete checkpoint, if there is one; at another world size the
@@ -164,6 +165,7 @@ class StageTrainer:
         the loss was not finite and ``on_nonfinite: skip`` left the step out (no backward,
         no optimizer step: weights and optimizer state stay as they were)."""
         data_wait = 0.0
+        self.timing.begin_step()
         for micro in range(self.spec.optimisation.gradient_accumulation_steps):
             started = time.perf_counter()
             batch = next(self.batches)
@@ -173,6 +175,7 @@ class StageTrainer:
             if losses is None:
                 return None
         self.skipped_in_a_row = 0
+        self.timing.end_step()
         total, terms = losses
         return total, terms, data_wait
 
@@ -186,10 +189,12 @@ class StageTrainer:
         generator = torch.Generator(self.device).manual_seed(derive_seed(
             self.job.spec.seed, self.plan.index, self.step + 1, micro, self.rank))
         batch = self.student.module.prepare(batch, generator)
+        self.timing.mark()
         teacher_taps = {}
         if self.teacher is not None:
             teacher_taps = self.teacher(to_model(model_inputs(batch, "teacher"), self.device,
                                                  self.teacher_dtype))
+        self.timing.mark("teacher")
         student_input = to_model(model_inputs(batch, "student"), self.device, self.student_dtype)
         total, terms = self.student(StudentModel.loss, student_input, teacher_taps, batch)
         # Averaged over ranks, so that every rank reaches the same verdict on a non-finite
@@ -200,7 +205,9 @@ class StageTrainer:
             self.on_nonfinite(dict(zip(["total", *terms], losses.tolist())))
             return None
         self.student.backward(total)
+        self.timing.mark("student")
         self.student.step()
+        self.timing.mark("optimizer")
         return losses[0], dict(zip(terms, losses[1:]))
 
     def on_nonfinite(self, losses: dict[str, float]) -> None:
@@ -246,9 +253,12 @@ class StageTrainer:
                                                                    self.step + stop_after)
         every_log = self.spec.logging.every_steps
         every_save = self.spec.checkpointing.every_steps
+        # Rank 0 logs, so it alone counts the FLOPs and probes the device's peak.
+        flops_per_step, peak = step_timing.stage_flops(self.plan, self.device, self.student_dtype,
+                                                       log) if self.rank == 0 else (None, None)
         progress = StageProgress(self.spec.name, self.plan.dir, self.total_steps, self.step,
                                  self.plan.global_batch, enabled=self.rank == 0,
-                                 tensorboard=self.spec.logging.tensorboard)
+                                 tensorboard=self.spec.logging.tensorboard, peak_flops=peak)
         evaluation = Evaluation(self.spec, self.device, self.student_dtype,
                                 self.plan.models.num_classes)
         result: dict[str, Any] = {}
@@ -269,7 +279,9 @@ class StageTrainer:
                           "skipped_steps": self.skipped_steps,
                           "bad_samples": self.bad_samples_all_ranks(),
                           "step_s": round(time.perf_counter() - started, 5),
-                          "data_wait_s": round(data_wait, 5)}
+                          "data_wait_s": round(data_wait, 5),
+                          **self.timing.take(),
+                          **({"model_flops": flops_per_step} if flops_per_step else {})}
                 first_loss = first_loss if first_loss is not None else record["loss"]
                 log_now = self.step % every_log == 0 or self.step in (1, self.total_steps)
                 progress.step(self.step, record, log_now)
@@ -354,6 +366,7 @@ class StageTrainer:
             if records:
                 summary["first_loss"] = records[0]["loss"]
                 summary["last_loss"] = records[-1]["loss"]
+                summary.update(step_timing.stage_summary(records))  # time shares, MFU
             if self.spec.logging.plot:
                 plot_losses(plan.dir, plan.dir / "loss.png",
                             f"{self.job.spec.name} / {self.spec.name}")

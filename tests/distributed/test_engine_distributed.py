@@ -140,9 +140,20 @@ def test_data_eval_alone_evaluates_the_fd_features_by_knn(straight_run, straight
 def test_a_log_file_gets_one_plain_line_per_logging_interval(straight):
     # stderr is a pipe here, as in a cluster job's log file: no progress bar, one line per
     # logging interval (every step in this spec).
+    # Each says where the steps' time went and the model FLOPs utilisation.
     lines = re.findall(r"^.*fd step (\d+)/12 loss [\d.]+ lr \S+ [\d.]+ samples/s data wait "
-                       r"\d+% ETA \d+:\d\d:\d\d$", straight.stderr, re.MULTILINE)
+                       r"\d+% teacher \d+% student \d+% optimizer \d+% MFU [\d.]+% "
+                       r"ETA \d+:\d\d:\d\d$", straight.stderr, re.MULTILINE)
     assert [int(step) for step in lines] == list(range(1, STEPS + 1)), straight.stderr[-3000:]
+
+
+def test_the_stage_summary_says_where_the_time_went(straight_run):
+    summary = json.loads((straight_run / "fd" / "export" / "metrics.json").read_text())
+    shares = summary["time_shares"]
+    assert set(shares) == {"teacher", "student", "optimizer", "data_wait"}
+    assert all(0 <= share <= 1 for share in shares.values()) and sum(shares.values()) <= 1.05
+    assert shares["teacher"] > 0 and shares["student"] > shares["optimizer"] > 0
+    assert 0 < summary["mfu"] < 1
 
 
 def test_stopped_and_resumed_run_continues_with_identical_losses(fd_spec, straight_run,

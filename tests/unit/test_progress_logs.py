@@ -55,3 +55,31 @@ def test_tensorboard_events_are_written_when_installed(tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 4, 8, 10]
     assert [e.value for e in events.Scalars("eval/knn_accuracy")] == [0.5, 0.75]
+
+
+def test_lines_records_and_the_summary_say_where_the_time_went_and_the_mfu(tmp_path, capsys):
+    from distill_engine.training.progress import summary_table
+    from distill_engine.training.step_timing import stage_summary
+    progress = StageProgress("demo", tmp_path, 4, 0, samples_per_step=8, enabled=True,
+                             peak_flops=1e9)
+    for step in range(1, 5):
+        progress.step(step, {"step": step, "loss": 1.0, "lr": 0.1, "step_s": 0.5,
+                             "data_wait_s": 0.05, "teacher_s": 0.2, "student_s": 0.15,
+                             "optimizer_s": 0.05, "model_flops": 2e8}, log_now=step in (1, 4))
+    progress.close()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"demo step 4/4 loss 1\.0000 lr 0\.1 [\d.]+ samples/s data wait 10% "
+                        r"teacher 40% student 30% optimizer 10% MFU 40\.0% ETA 0:00:00", line), line
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {k: records[-1][k] for k in ("teacher_share", "student_share", "optimizer_share",
+                                        "data_wait_share", "mfu")} == {
+        "teacher_share": 0.4, "student_share": 0.3, "optimizer_share": 0.1,
+        "data_wait_share": 0.1, "mfu": 0.4}
+    row = {"stage": "demo", "teacher": "timm:vit", "steps": 4, **stage_summary(records)}
+    assert row["time_shares"] == {"teacher": 0.4, "student": 0.3, "optimizer": 0.1,
+                                  "data_wait": 0.1} and row["mfu"] == 0.4
+    from rich.console import Console
+    console = Console(width=200)
+    with console.capture() as table:
+        console.print(summary_table([row]))
+    assert "40/30/10/10" in table.get() and "40.0%" in table.get()
