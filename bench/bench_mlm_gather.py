@@ -113,7 +113,7 @@ def main() -> None:
     body = (f"The masked-LM step of `jobs/well_read_students.yaml`'s `student_mlm` stage: BERT "
             f"2 x 128, vocabulary 30,522, `mlm` (15 %), batch {args.batch} x {args.length} "
             f"tokens, fp32, 1 rank (the stage's per-rank work; placement "
-            f"{trainer.placement.student.name}), torch threads {torch.get_num_threads()}; "
+            f"{job.stages[0].placement.student.name}), torch threads {torch.get_num_threads()}; "
             f"forward, backward and AdamW step. {args.pairs} alternating rounds after 2 warm-up "
             f"steps each, on one engine (the gather switched per step). The machine was shared "
             f"with other engineers' runs.\n\n"

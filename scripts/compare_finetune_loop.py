@@ -85,8 +85,8 @@ def plain_optimizer(model, plan):
 @torch.no_grad()
 def accuracy(forward, plan, device) -> float:
     from data_shards import EvalStream
-    from distill_engine.evaluation import test_views
-    from distill_engine.inputs import model_inputs, to_model
+    from distill_engine.training.evaluation import test_views
+    from distill_engine.modeling.inputs import model_inputs, to_model
     stage = plan.spec
     right = total = 0
     for batch in EvalStream(stage.data.eval, batch_size=128, rank=0, world_size=1,
@@ -111,10 +111,11 @@ def main() -> int:
     args = parser.parse_args()
 
     init_one_rank()
-    from distill_engine.families import first_tensor
-    from distill_engine.inputs import model_inputs, to_model
-    from distill_engine.plan import load_plan
-    from distill_engine.trainer import StageTrainer
+    from distill_engine.tensors import first_tensor
+    from distill_engine.modeling.inputs import model_inputs, to_model
+    from distill_engine.planning.load import load_plan
+    from distill_engine.training.models import StudentModel
+    from distill_engine.training.trainer import StageTrainer
     probe = load_plan(args.spec, args.overrides, world_size=1)
     index = next(i for i, s in enumerate(probe.stages) if s.spec.name == args.stage)
     global_batch = probe.stages[index].global_batch
@@ -186,7 +187,7 @@ def main() -> int:
     plain.eval()
     result = {
         "rows": rows, "unmoved": unmoved,
-        "engine_accuracy": accuracy(lambda x: engine(x), plan, device),
+        "engine_accuracy": accuracy(lambda x: engine(StudentModel.output, x), plan, device),
         "plain_accuracy": accuracy(plain_logits, plan, device),
     }
     print(f"held-out accuracy: engine {100 * result['engine_accuracy']:.2f} %, "

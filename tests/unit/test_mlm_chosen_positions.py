@@ -50,7 +50,7 @@ def decoder_rows(student):
 
 def loss_and_gradients(student, objective, inputs, batch):
     student.model.zero_grad(set_to_none=True)
-    taps = student.run(inputs)
+    taps = student.tapped_pass(inputs)
     loss = objective(taps, {}, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in student.model.named_parameters() if p.grad is not None}
@@ -83,7 +83,7 @@ def test_mlm_scores_the_chosen_positions_only_with_todays_loss_and_gradients(tmp
 
     # The gather lives for that call only: the next plain forward (evaluation, the probe, a
     # second pass of another objective) scores every position again.
-    assert student.run(every)["output"].shape == (6, LENGTH, VOCAB)
+    assert student.tapped_pass(every)["output"].shape == (6, LENGTH, VOCAB)
 
 
 def test_a_batch_with_no_chosen_position_gives_zero_with_a_gradient_path(tmp_path):
