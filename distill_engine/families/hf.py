@@ -16,8 +16,9 @@ encoder). A directory of that name wins over a model type.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +38,11 @@ TASKS = {
     "image_classification": "AutoModelForImageClassification",
 }
 CLASSIFIER_TASKS = ("sequence_classification", "image_classification")
+
+# The key of an input dict that names the positions [B, L] (bool) whose vocabulary scores a
+# masked-LM objective reads: the output projection then runs on those alone (the model's
+# logits become [K, vocab], K = the positions chosen, in row-major order).
+PREDICT_AT = "predict_at"
 # Keys a checkpoint of the same backbone may carry for another head: a BertModel's pooler in
 # a masked-LM model, a masked-LM head in a classifier. Dropped when the model has no such key.
 OTHER_HEADS = ("pooler.", "cls.", "classifier.")
@@ -185,6 +191,10 @@ class HuggingFaceFamily(ModelFamily):
     def forward(self, model: nn.Module, inputs: Any) -> Any:
         if masking.masks_inside(model) or (isinstance(inputs, dict) and masking.MASK_RATIO in inputs):
             return masking.forward(model, inputs)  # ViTMAE: the mask ratio an objective chose
+        if isinstance(inputs, dict) and PREDICT_AT in inputs:
+            inputs = dict(inputs)
+            with predictions_only_at(model, inputs.pop(PREDICT_AT)):
+                return model(**inputs)
         if isinstance(inputs, dict):
             return model(**inputs)
         return model(**{model.main_input_name: inputs})
@@ -287,6 +297,36 @@ class HuggingFaceFamily(ModelFamily):
         card = {"arch": recipe.arch, "kwargs": recipe.kwargs, "tokenizer": str(tokenizer), **extra}
         (out_dir / "model.json").write_text(json.dumps(card, indent=2, default=str))
         return out_dir / "model.safetensors"
+
+
+def output_projection(model: nn.Module | None) -> nn.Module | None:
+    """The module that maps hidden states to vocabulary scores (a masked-LM decoder), or
+    None for a model without one."""
+    get = getattr(model, "get_output_embeddings", None)
+    projection = get() if callable(get) else None
+    return projection if isinstance(projection, nn.Module) else None
+
+
+@contextmanager
+def predictions_only_at(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Inside the block the model's output projection reads only the hidden states at
+    ``positions`` ([B, L] bool): its input [B, L, D] becomes [K, D], so the vocabulary is
+    scored where a loss reads it and nowhere else. The hook is gone afterwards (an evaluation
+    or a second pass scores every position)."""
+    projection = output_projection(model)
+    if projection is None:
+        raise ValueError(f"{type(model).__name__} has no output projection to score chosen "
+                         f"positions with (get_output_embeddings() is None)")
+
+    def gather(module, args):
+        hidden, *rest = args
+        return (hidden[positions.to(hidden.device)], *rest)
+
+    handle = projection.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _keep_own_names(model: nn.Module, weights: Path) -> None:

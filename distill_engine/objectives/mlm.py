@@ -1,5 +1,10 @@
 """Masked-language-model pre-training (BERT's recipe, as the compact students of "Well-Read
-Students Learn Better" are pre-trained): corrupt 15 % of the tokens, predict the originals."""
+Students Learn Better" are pre-trained): corrupt 15 % of the tokens, predict the originals.
+
+Only the chosen positions are scored: the student's output projection (hidden size x the
+vocabulary, 30,522 for BERT) runs on their hidden states alone, gathered before it
+(``families.hf.PREDICT_AT``), instead of on every position of which 85 % are thrown away.
+The loss is the same cross-entropy over the same positions."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from distill_engine.families.hf import PREDICT_AT, output_projection
 from distill_engine.modeling.inputs import ORIGINAL_STUDENT, model_inputs
+from distill_engine.modeling.taps import OUTPUT
 
 from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
 
@@ -44,12 +51,20 @@ def mlm_mask(input_ids: torch.Tensor, special_tokens_mask: torch.Tensor, mask_to
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the chosen positions only (labels != -100), averaged over them; 0
-    (with a gradient path) when a batch happens to have none."""
+    """Cross-entropy over the chosen positions only (labels [B, L], != -100), averaged over
+    them; 0 (with a gradient path) when a batch happens to have none.
+
+    ``logits`` are the scores at every position [B, L, vocab], or at the chosen positions
+    alone [K, vocab] in row-major order (``labels[labels != -100]``'s order), which is what
+    the student gives when its output projection ran on those only."""
     chosen = labels != IGNORE
+    scored = logits[chosen] if logits.dim() == labels.dim() + 1 else logits
+    if scored.shape[0] != int(chosen.sum()):
+        raise ValueError(f"mlm: {scored.shape[0]} scored positions for "
+                         f"{int(chosen.sum())} chosen ones")
     if not chosen.any():
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits[chosen].float(), labels[chosen])
+        return scored.float().sum() * 0.0
+    return F.cross_entropy(scored.float(), labels[chosen])
 
 
 class MLMConfig(ObjectiveConfig):
@@ -96,6 +111,11 @@ class MaskedLM(Objective):
             raise ObjectiveError(f"the tokenizer in {shapes.student_tokenizer} has no mask token")
         self.mask_token_id = int(tokenizer.mask_token_id)
         self.special_ids = sorted(set(tokenizer.all_special_ids))
+        self.vocab_size = int(shape[-1])
+        # Score the chosen positions alone when the logits are the model's own output, made
+        # by a projection we can gather before (a benchmark turns it off to compare).
+        self.gather_before_decoder = (config.student_tap == OUTPUT and
+                                      output_projection(shapes.student_model) is not None)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         if self.mask_token_id is None:  # the check refuses such a stage; said, not an AttributeError
@@ -109,8 +129,11 @@ class MaskedLM(Objective):
                                      self.config.probability)
         # The student's own entry: a teacher reading the shared "tokens" still sees the text,
         # and the entry replaced stays in the batch for objectives that need it (hidden).
+        student = {**inputs, "input_ids": corrupted}
+        if self.gather_before_decoder:
+            student[PREDICT_AT] = labels != IGNORE
         return {**batch, ORIGINAL_STUDENT: batch.get(ORIGINAL_STUDENT, inputs),
-                "student": {**inputs, "input_ids": corrupted}, LABELS: labels}
+                "student": student, LABELS: labels}
 
     def forward(self, student_taps, teacher_taps, batch, student=None):
         return mlm_loss(student_taps[self.config.student_tap], batch[LABELS])

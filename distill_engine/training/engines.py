@@ -202,6 +202,7 @@ def build_student(plan: StagePlan, total_steps: int, warmup_steps: int, job_seed
         engine.enable_backward_allreduce = False
     if zero_stage(config) == 0:
         engine.clip_fp32_gradients = functools.partial(clip_gradients, engine)
+    begin_schedule(engine.lr_scheduler)
     module.attach_taps(plan.student_taps)
     return engine, dtype
 
@@ -216,6 +217,19 @@ def clip_gradients(engine) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(
         [p for p in engine.module.parameters() if p.grad is not None],
         engine.gradient_clipping())
+
+
+def begin_schedule(scheduler) -> None:
+    """Puts a fresh DeepSpeed scheduler at its step 0 before the first optimizer step.
+
+    Built, it sits at iteration -1, which its ``get_lr`` answers with 0, and the engine
+    steps it only after each optimizer step: so the first step ran at lr 0 whatever the
+    schedule (a stage without warm-up lost its first step), and a warm-up reached its peak
+    one step late. From iteration 0 the first step takes the schedule's first value (0 at
+    the start of a linear warm-up, as transformers' schedules; the peak without one). A
+    resumed run loads the scheduler's saved iteration over this."""
+    if scheduler is not None and getattr(scheduler, "last_batch_iteration", 0) == -1:
+        scheduler.step()
 
 
 def _short(names: list[str], limit: int = 6) -> str:

@@ -20,8 +20,17 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
         "intermediate_size": 64, "vocab_size": 48}
 
 
+def pretrained_l3_stand_in(directory: Path) -> Path:
+    """A BertModel directory without a pooler, as scripts/onnx_to_bert.py writes the L3."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(7)
+    BertModel(BertConfig(**TINY), add_pooling_layer=False).save_pretrained(directory)
+    return directory
+
+
 def small_recipe(tmp_path: Path) -> dict:
     """The recipe's own stages, on toy data and models, with few steps."""
+    l3 = pretrained_l3_stand_in(tmp_path / "l3")
     data = tiny_text_splits(tmp_path / "data", {"labelled": (400, 0, True),
                                                  "transfer": (600, 1, False),
                                                  "test": (200, 2, True)})
@@ -41,6 +50,10 @@ def small_recipe(tmp_path: Path) -> dict:
         student = stage["student"]
         if student["arch"] == "hf:bert":
             student["kwargs"].update(TINY)
+        if student["arch"] == "hf:data/well_read/minilm_l3":  # the converted L3's directory
+            student["arch"] = f"hf:{l3}"
+            if "init" in student:
+                student["init"] = str(l3 / "model.safetensors")
     teacher = spec["stages"][0]
     assert teacher["name"] == "teacher"
     teacher["student"] = {"arch": "hf:bert", "kwargs": {

@@ -132,29 +132,35 @@ def test_hugging_face_models_from_local_directories_plan_with_separate_qkv_taps(
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 @pytest.mark.parametrize("warmup", [0, 3])
 def test_learning_rate_schedules_with_and_without_warmup(schedule, warmup):
-    """DeepSpeed's own schedulers, as our config asks for them: peak lr after the warm-up
-    (or at once without one), then the schedule's shape."""
+    """DeepSpeed's own schedulers, as our config asks for them and driven as the engine
+    drives them (the optimizer steps at the current lr, then the scheduler steps): the
+    warm-up starts at step 1 (lr 0, then lr/3, 2lr/3, the peak at step 4), a cosine or
+    constant stage without warm-up starts at the peak; then the schedule's shape."""
     from types import SimpleNamespace
 
     from deepspeed.runtime import lr_schedules
 
     from distill_engine.spec.schema import OptimisationSpec
-    from distill_engine.training.engines import scheduler_config
+    from distill_engine.training.engines import begin_schedule, scheduler_config
 
     opt = OptimisationSpec(lr=1e-3, steps=20, schedule=schedule, warmup_steps=warmup)
     plan = SimpleNamespace(spec=SimpleNamespace(optimisation=opt), lr=1e-3)
     config = scheduler_config(plan, 20, warmup)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     scheduler = getattr(lr_schedules, config["type"])(optimizer, **config["params"])
+    begin_schedule(scheduler)
     lrs = []
     for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])  # what this optimizer step uses
         scheduler.step()
-        lrs.append(optimizer.param_groups[0]["lr"])
     if warmup:
-        assert lrs[0] < 1e-3 * 0.5
+        assert lrs[:warmup] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3], abs=1e-12)
+        assert lrs[warmup] == pytest.approx(1e-3, rel=0.06)  # linear decay has begun
+    elif schedule != "linear":
+        assert lrs[0] == pytest.approx(1e-3)  # no warm-up: the first step learns at the peak
+    else:  # WarmupDecayLR keeps DeepSpeed's shortest warm-up, 2 steps, from its minimum 0
+        assert lrs[:2] == pytest.approx([0.0, 5e-4]) and lrs[2] == pytest.approx(1e-3, rel=0.06)
     assert max(lrs) == pytest.approx(1e-3, rel=0.05)
-    # The peak comes right after the warm-up (at most DeepSpeed's 2-step minimum).
-    assert lrs.index(max(lrs)) <= max(warmup, 2)
     if schedule == "constant":
         assert lrs[-1] == pytest.approx(1e-3)
     else:
