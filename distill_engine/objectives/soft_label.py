@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from .base import Objective, ObjectiveConfig, ObjectiveError, TapNeed, TapShapes, register
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -51,6 +51,9 @@ class SoftLabelConfig(ObjectiveConfig):
 
     def teacher_taps(self) -> list[str]:
         return [self.teacher_tap]
+
+    def teacher_needs(self) -> list[TapNeed]:
+        return [TapNeed(self.teacher_tap, "top_k")]  # the top k logits, the rest filled
 
 
 @register("soft_label")
