@@ -328,16 +328,9 @@ class ShardStream:
 
     def order(self) -> "StreamOrder":
         """What fixes this stream's sample order (a recording keeps it; a replay must match it)."""
-        from .targets import StreamOrder, sha256_of
-
-        local_index = self.index is not None and "://" not in self.index.location
-        return StreamOrder(
-            train=str(self.urls_given) if isinstance(self.urls_given, (str, os.PathLike)) else "::".join(map(str, self.urls_given)),
-            data_index_sha256=sha256_of(self.index.location) if local_index else None,
-            seed=self._plan.seed, world_size=self.world_size, num_workers=self.num_workers,
-            micro_batch_size=self.batch_size, samples_per_epoch=self.samples_per_epoch,
-            batches_per_epoch=self.batches_per_epoch, shuffle_buffer=self._plan.shuffle_buffer,
-        )  # fmt: skip
+        return stream_order(self.urls_given, self.index, batch_size=self.batch_size, world_size=self.world_size,
+                            num_workers=self.num_workers, seed=self._plan.seed, samples_per_epoch=self.samples_per_epoch,
+                            shuffle_buffer=self._plan.shuffle_buffer)  # fmt: skip
 
     def _check_targets(self, targets: TargetsReplay) -> None:
         index = targets.index
@@ -419,6 +412,23 @@ class ShardStream:
         self._bad_before_epoch = self.bad_samples
         self.epoch, self.batch = self.epoch + 1, 0
         self._new_epoch_counters()
+
+
+def stream_order(urls, index: ShardIndex | None, *, batch_size: int, world_size: int, num_workers: int, seed: int,
+                 samples_per_epoch: int | None = None, shuffle_buffer: int = 1000) -> "StreamOrder":
+    """The order a ShardStream with these settings would stream in, without building one (a
+    plan checks a student's stream against a recording with it)."""
+    from .targets import StreamOrder, sha256_of
+
+    samples = samples_per_epoch if samples_per_epoch is not None else index.total
+    local_index = index is not None and "://" not in index.location
+    return StreamOrder(
+        train=str(urls) if isinstance(urls, (str, os.PathLike)) else "::".join(map(str, urls)),
+        data_index_sha256=sha256_of(index.location) if local_index else None,
+        seed=seed, world_size=world_size, num_workers=num_workers, micro_batch_size=batch_size,
+        samples_per_epoch=samples, batches_per_epoch=math.ceil(samples / (batch_size * world_size)),
+        shuffle_buffer=shuffle_buffer,
+    )  # fmt: skip
 
 
 def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
