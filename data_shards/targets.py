@@ -92,6 +92,20 @@ class TapStore(BaseModel):
         return f"{self.tap}: all of {self.shape}, {self.dtype}{scale}"
 
 
+def record_bytes(stores: Sequence[TapStore], views: int = 1) -> int:
+    """What one record takes in a shard, estimated: its two tar members (a 512-byte header
+    each, data padded to 512 bytes), the JSON (key, where, view parameters) and the
+    safetensors blob (a header of about 80 bytes per tensor, then the tensors)."""
+    tensors = sum(store.stored_bytes() + 80 * (3 if store.store == "top_k" else 1 + (store.dtype == "int8"))
+                  for store in stores)
+    meta = 160 + 90 * views
+
+    def member(size: int) -> int:
+        return 512 + math.ceil(size / 512) * 512
+
+    return member(meta) + member(tensors + 8)
+
+
 def store_problem(recorded: TapStore, store: Store, token: str | None = None,
                   int8_ok: bool = False) -> str | None:
     """Why a tap recorded as ``recorded`` cannot serve an objective that needs ``store``

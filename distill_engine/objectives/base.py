@@ -74,6 +74,11 @@ class ObjectiveConfig(BaseModel):
         """How each teacher tap must be recorded for this objective (default: whole)."""
         return [TapNeed(tap, "tokens") for tap in self.teacher_taps()]
 
+    def live_teacher_input(self, inputs: Any, teacher_model: nn.Module | None) -> Any:
+        """The teacher's input as this objective's ``prepare`` would leave it for a live
+        teacher (a recording stage, which builds no objective, asks here); default as is."""
+        return inputs
+
 
 @dataclass
 class TapShapes:

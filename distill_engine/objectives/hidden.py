@@ -74,6 +74,9 @@ class HiddenConfig(ObjectiveConfig):
     def teacher_needs(self) -> list[TapNeed]:
         return [TapNeed(self.teacher_tap, "token", token=self.token)]
 
+    def live_teacher_input(self, inputs: Any, teacher_model) -> Any:
+        return unmasked(inputs, masks_inside(teacher_model))  # as prepare() gives a live teacher
+
 
 def _encoder_activations(model, tap_tokens: int) -> tuple[int, str] | None:
     """Elements per sample that an unmasked encoder pass keeps for the backward, roughly:

@@ -32,11 +32,14 @@ def build_meta(recipe: ModelRecipe, stage: StageSpec, role: str) -> nn.Module:
 def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShape,
                  problems: Problems) -> ModelSummary | None:
     """None when a model cannot be built or traced, or a tap does not resolve (each problem
-    is appended with its YAML path)."""
+    is appended with its YAML path). The teacher is the live one, or the one whose recorded
+    targets the stage reads (built on the meta device all the same: its tap shapes and
+    modules are what the objectives fit); a recording stage has a teacher only."""
     here = f"stages[{index}]"
     built: dict[str, tuple[nn.Module, tracing.Trace]] = {}
+    teacher_recipe = refs.traced_teacher
     for role, recipe, taps in (("student", refs.student, refs.student_taps),
-                               ("teacher", refs.teacher, refs.teacher_taps)):
+                               ("teacher", teacher_recipe, refs.teacher_taps)):
         if recipe is None or arch_problem(recipe.arch):
             continue  # no teacher, or already reported
         if not sane_sizes(recipe, getattr(stage, role).kwargs, f"{here}.{role}.kwargs", problems):
@@ -70,7 +73,11 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
         check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
                            head=family.classifier_prefixes(model),
                            ignore=family.init_extra_modules(model), family=family)
-    if "student" not in built or (refs.teacher is not None and "teacher" not in built):
+    if teacher_recipe is not None and "teacher" not in built:
+        return None
+    if refs.student is None:  # a recording stage: the teacher alone
+        return _teacher_summary(ModelSummary(TapShapes(), 0, 0), refs, *built["teacher"])
+    if "student" not in built:
         return None
 
     student_model, student_trace = built["student"]
@@ -92,16 +99,24 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             m for m in (tracing.modules_after(student_trace, deepest) if deepest else [])
             if any(p.startswith(m + ".") for p in summary.frozen_params)]
     if teacher_model is not None:
-        summary.teacher_params = _count(teacher_model)
-        summary.teacher_trace = teacher_trace
-        summary.pruned_teacher = tracing.prune_after(teacher_model, teacher_trace, refs.teacher_taps)
-        summary.teacher_params_kept = _count(teacher_model)
+        _teacher_summary(summary, refs, teacher_model, teacher_trace)
     for j, objective in enumerate(stage.objectives):
         try:
             with torch.device("meta"):
                 summary.head_params += _count(build_objective(objective, summary.tap_shapes))
         except ObjectiveError as err:
             problems.append((f"{here}.objectives[{j}]", str(err)))
+    return summary
+
+
+def _teacher_summary(summary: ModelSummary, refs: StageRefs, model: nn.Module,
+                     trace: tracing.Trace) -> ModelSummary:
+    summary.tap_shapes.teacher = {t: trace.shapes.get(t, ()) for t in refs.teacher_taps}
+    summary.tap_shapes.teacher_model = model
+    summary.teacher_params = _count(model)
+    summary.teacher_trace = trace
+    summary.pruned_teacher = tracing.prune_after(model, trace, refs.teacher_taps)
+    summary.teacher_params_kept = _count(model)
     return summary
 
 
