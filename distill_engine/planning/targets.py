@@ -48,14 +48,15 @@ def plan_recording(index: int, stage: RecordStageSpec, refs: StageRefs, world_si
                    models: ModelSummary, problems: Problems) -> RecordPlan | None:
     record = stage.record
     here = f"stages[{index}]"
-    stores = plan_stores(teacher_needs(stage), per_sample_shapes(stage, models), record.dtype,
-                         record.top_k, record.int8_features)
-    for store in stores:
-        if record.top_k is not None and store.store == "top_k" and record.top_k >= (store.shape[-1] or 0):
+    shapes = per_sample_shapes(stage, models)
+    stores = plan_stores(teacher_needs(stage), shapes, record.dtype, record.top_k, record.int8_features)
+    logit_taps = {tap for tap, store, _, _ in teacher_needs(stage) if store == "top_k"}
+    for tap in sorted(logit_taps):
+        classes = shapes[tap][-1] if shapes[tap] else None
+        if record.top_k is not None and classes is not None and record.top_k >= classes:
             problems.append((f"{here}.record.top_k",
-                             f"top_k {record.top_k} keeps every one of the {store.shape[-1]} "
-                             f"classes of tap {store.tap!r}; give fewer, or null to record all "
-                             f"logits"))
+                             f"top_k {record.top_k} keeps every one of the {classes} classes of "
+                             f"tap {tap!r}; give fewer, or null to record all logits"))
     samples, _ = samples_per_epoch(stage)
     batches = None if samples is None else batches_per_epoch(samples, stage.data.micro_batch_size, world_size)
     return RecordPlan(index, stage, refs, world_size, input_shape(stage), models, stores, batches)
