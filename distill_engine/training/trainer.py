@@ -260,6 +260,7 @@ class StageTrainer:
         if done.is_file():
             log.info("%s: already complete (%s); skipping", self.spec.name, done)
             return json.loads(done.read_text())
+        self.started = time.perf_counter()
         self.setup()
         stop_at = self.total_steps if stop_after is None else min(self.total_steps,
                                                                    self.step + stop_after)
@@ -368,6 +369,10 @@ class StageTrainer:
             "first_loss": first_loss, "last_loss": None,
             "accuracy": evaluated.get("accuracy"), "knn_accuracy": evaluated.get("knn_accuracy"),
             "export": str(plan.export_dir / "model.safetensors"),
+            # Wall-clock of this run of the stage (set-up, training, evaluation, export); a
+            # resumed stage counts its last run only.
+            "seconds": round(time.perf_counter() - self.started, 2)
+            if hasattr(self, "started") else None,
         }
         if self.rank == 0:
             records = read_metrics(plan.dir / "metrics.jsonl")
