@@ -4,6 +4,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts and logs)")
 
     verify = commands.add_parser("verify", epilog=EXIT_CODES, help="decode every sample of every shard; exit 1 if any is bad")
-    verify.add_argument("directory", help="a shard directory with index.json (or a directory holding several, e.g. train/ and holdout/)")
+    verify.add_argument("directory", help="a shard directory with index.json (or a directory holding several, e.g. train/ and holdout/), or a directory of teacher targets (targets.json)")
     verify.add_argument("--allow-pipe", action="store_true", help="allow pipe: shard URLs in the index")
 
     inspect = commands.add_parser("inspect", epilog=EXIT_CODES, help="print a few samples and optionally write a contact sheet")
@@ -83,7 +84,11 @@ def run_pack(args, console: Console) -> int:
 
 
 def run_verify(args, console: Console) -> int:
+    from .targets import TARGETS_INDEX
     from .verify import find_indexes, verify_index
+
+    if (Path(args.directory) / TARGETS_INDEX).is_file() or list(Path(args.directory).glob("progress-r*.json")):
+        return run_verify_targets(args, console)
 
     all_ok = True
     for index in find_indexes(args.directory):
@@ -103,6 +108,34 @@ def run_verify(args, console: Console) -> int:
         all_ok &= all(report.ok for report in reports)
     console.print("verify: all samples decode" if all_ok else "verify: FAILED (see above)")
     return 0 if all_ok else 1
+
+
+def run_verify_targets(args, console: Console) -> int:
+    from .targets import verify_targets
+
+    report = verify_targets(args.directory, allow_pipe=args.allow_pipe)
+    raw = report.index.raw
+    console.print(f"teacher targets of {raw.teacher.arch} (sha256 {raw.teacher.sha256[:12]}...), {raw.epochs} epoch(s), "
+                  f"{raw.data.world_size} rank(s), {raw.samples} records, {raw.bytes:,} bytes", markup=False, highlight=False)
+    for store in raw.taps:
+        console.print(f"  tap {store.describe()}", markup=False, highlight=False)
+    table = Table(title=f"{report.index.directory}")
+    for column in ("shard", "expected", "good", "bad", "status"):
+        table.add_column(column)
+    for shard in report.shards:
+        table.add_row(os.path.basename(shard.url), str(shard.expected), str(shard.good), str(len(shard.bad)), "ok" if shard.ok else "BAD")
+    console.print(table)
+    for shard in report.shards:
+        for key, reason in shard.bad:
+            console.print(f"bad: shard {shard.url} record '{key or '-'}': {reason}", markup=False, highlight=False)
+        if not shard.bad and shard.good != shard.expected:
+            console.print(f"bad: shard {shard.url} holds {shard.good} records, the index says {shard.expected}", markup=False)
+    for problem in report.problems:
+        console.print(f"bad: {problem}", markup=False, highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    console.print("verify: all records match the index" if report.ok else "verify: FAILED (see above)")
+    return 0 if report.ok else 1
 
 
 def run_inspect(args, console: Console) -> int:

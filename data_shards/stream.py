@@ -33,7 +33,8 @@ from .index import ShardIndex
 from .keys import derive_seed
 from .safety import ShardError, check_url_allowed, read_shard
 from .text import TextConfig, load_tokenizer, tokenize
-from .views import GeometryConfig, ViewsConfig, make_views
+from .targets import order_problems
+from .views import GeometryConfig, ViewParams, ViewsConfig, apply_views, draw_view_params, make_views, text_params
 
 log = logging.getLogger("data_shards")
 
@@ -58,6 +59,54 @@ def resolve_urls(urls: str | os.PathLike | Sequence[str], allow_pipe: bool) -> t
     if missing:
         raise DataError(f"Shard {missing[0]} does not exist ({len(missing)} of {len(shard_urls)} shards missing).")
     return shard_urls, index
+
+
+@dataclass
+class TargetsReplay:
+    """A stream that replays a recording (``data_shards.targets``): epoch ``e`` streams the
+    samples and views of recorded epoch ``e mod epochs`` and hands out the recorded taps.
+    ``taps``: the recorded taps to read; ``views``: the views to make (default: all)."""
+
+    index: "TargetsIndex"
+    taps: list[str]
+    views: list[str] | None = None
+
+    @property
+    def stores(self) -> list:
+        return [store for store in self.index.raw.taps if store.tap in self.taps]
+
+    @property
+    def epochs(self) -> int:
+        return self.index.raw.epochs
+
+
+class _Mismatch(Exception):
+    """The stream and its records disagree: the data changed since the recording."""
+
+
+class _RecordCursor:
+    """One slot's records, read front to back beside its samples."""
+
+    def __init__(self, replay: TargetsReplay, rank: int, epoch: int, slot: int, after: int, allow_pipe: bool):
+        from .targets import read_records
+
+        self.where = f"rank {rank}, recorded epoch {epoch}, slot {slot}"
+        self.records = read_records(replay.index.directory, replay.index.shards_of(rank, epoch, slot), after, allow_pipe)
+        self.pending = None
+
+    def take(self, position: int, key: str):
+        """The record of the sample at ``position``; None when there is none (a sample that
+        was bad when the targets were recorded). A record for another key is a mismatch."""
+        while self.pending is None or self.pending.position < position:  # records of samples bad now
+            self.pending = next(self.records, None)
+            if self.pending is None:
+                raise _Mismatch(f"the records of {self.where} end before stream position {position} (sample '{key}')")
+        if self.pending.position > position:
+            return None
+        record, self.pending = self.pending, None
+        if record.key != key:
+            raise _Mismatch(f"at {self.where}, position {position} the stream has sample '{key}' but the record is for '{record.key}'")
+        return record
 
 
 def _collate(samples: list[Decoded], views: dict[str, list[torch.Tensor]] | None, with_labels: bool, text: TextConfig | None = None) -> dict:
@@ -94,6 +143,13 @@ class _Plan:
     allow_pipe: bool
     num_classes: int | None = None
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    record_views: bool = False
+    targets: TargetsReplay | None = None
+
+    def data_epoch(self, epoch: int) -> int:
+        """The epoch whose samples and views epoch ``epoch`` streams: itself, or when replaying
+        targets recorded for E epochs, ``epoch mod E``."""
+        return epoch if self.targets is None else epoch % self.targets.epochs
 
 
 def _raw_samples(plan: _Plan, rng: random.Random) -> Iterator[dict]:
@@ -114,17 +170,23 @@ def _raw_samples(plan: _Plan, rng: random.Random) -> Iterator[dict]:
 
 def _slot_batches(plan: _Plan, epoch: int, slot: int, first_batch: int, skip: int) -> Iterator[dict]:
     """Batches first_batch, first_batch + num_slots, ... of one slot, after skipping `skip` stream items."""
-    stream_seed = derive_seed(plan.seed, epoch, plan.rank, slot)
+    data_epoch = plan.data_epoch(epoch)
+    stream_seed = derive_seed(plan.seed, data_epoch, plan.rank, slot)
     raw = _raw_samples(plan, random.Random(derive_seed(stream_seed, "shards")))
     # Start yielding after 100 items (webdataset's default) while the buffer fills up to its full size.
     shuffle_rng = random.Random(derive_seed(stream_seed, "shuffle"))
     items = shuffle_buffer(raw, plan.shuffle_buffer, min(100, plan.shuffle_buffer), rng=shuffle_rng)
     for _ in range(skip):  # replay without decoding: positions, not pixels, decide what comes next
         next(items)
+    records = None if plan.targets is None else _RecordCursor(plan.targets, plan.rank, data_epoch, slot, skip, plan.allow_pipe)
+    view_names = None if plan.targets is None else plan.targets.views
     position, bad, last_bad = skip, 0, ""
     for batch_number in range(first_batch, plan.batches_per_epoch, plan.num_slots):
         samples: list[Decoded] = []
         views: dict[str, list[torch.Tensor]] | None = None
+        params: list[ViewParams] = []
+        positions: list[int] = []
+        taps: list[dict] = []
         while len(samples) < plan.batch_size:
             item = next(items)
             position += 1
@@ -134,12 +196,25 @@ def _slot_batches(plan: _Plan, epoch: int, slot: int, first_batch: int, skip: in
                 decoded = decode_sample(item, plan.modality, plan.num_classes, plan.max_image_pixels)
                 if plan.labelled and decoded.label is None:
                     raise BadSample("missing field 'cls' (the index says the samples are labelled)")
+                sample_seed = derive_seed(stream_seed, "sample", position)
+                if records is not None:
+                    record = records.take(position, decoded.key)
+                    if record is None:
+                        raise BadSample("no teacher record (it was a bad sample when the targets were recorded)")
+                    sample_params = record.view
+                    taps.append(record.tensors)
+                elif decoded.image is not None:
+                    sample_params = draw_view_params(decoded.image.shape[-2], decoded.image.shape[-1], plan.views, sample_seed)
+                else:
+                    sample_params = text_params(sample_seed)
                 if decoded.image is not None:
-                    sample_views = make_views(decoded.image, plan.views, derive_seed(stream_seed, "sample", position))
+                    sample_views = apply_views(decoded.image, plan.views, sample_params, view_names)
                     views = views or {name: [] for name in sample_views}
                     for name, tensor in sample_views.items():
                         views[name].append(tensor)
                 samples.append(decoded)
+                params.append(sample_params)
+                positions.append(position)
             except BadSample as exn:
                 bad += 1
                 last_bad = f"shard {item.get('__url__')} sample '{item.get('__key__')}': {exn}"
@@ -147,8 +222,21 @@ def _slot_batches(plan: _Plan, epoch: int, slot: int, first_batch: int, skip: in
                 if bad > plan.max_bad_samples:
                     yield {"__error__": f"rank {plan.rank}: more than max_bad_samples={plan.max_bad_samples} bad samples; the last was {last_bad}"}
                     return
+            except _Mismatch as exn:
+                yield {"__error__": f"rank {plan.rank}: the teacher targets in {plan.targets.index.directory} do not belong to this data: {exn}. "
+                                    f"The data shards changed since the recording; record the targets again."}
+                return
         with_labels = plan.labelled if plan.labelled is not None else all(s.label is not None for s in samples)
         batch = _collate(samples, views, with_labels, plan.text)
+        if plan.record_views or plan.targets is not None:
+            # Where each sample came from and the views it got: what a recording writes down.
+            batch["record"] = {"epoch": data_epoch, "slot": slot, "positions": positions,
+                               "views": [p.to_json() for p in params]}  # fmt: skip
+        if plan.targets is not None:
+            from .targets import decode_batch
+
+            batch["targets"] = decode_batch(taps, plan.targets.stores)
+            batch["mask_seed"] = torch.tensor([p.mask_seed for p in params], dtype=torch.long)
         batch.update(_slot=slot, _batch=batch_number, _position=position, _bad=bad, _last_bad=last_bad)
         yield batch
 
@@ -193,10 +281,17 @@ class ShardStream:
         shuffle_buffer: int = 1000,
         num_classes: int | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        record_views: bool = False,
+        targets: TargetsReplay | None = None,
     ):
         """num_classes: labels outside 0..num_classes-1 are bad samples (counted, skipped,
         named in the log) instead of reaching the loss. max_image_pixels: larger images are
-        bad samples, refused before they are decoded."""
+        bad samples, refused before they are decoded. record_views: each batch carries
+        ``record`` (data epoch, slot, stream positions and the view parameters of its
+        samples), what a recording of teacher targets writes down. targets: replay a
+        recording (see TargetsReplay); batches then carry ``targets`` (tap -> [B, ...]) and
+        ``mask_seed`` too, and the stream must be the one recorded (same data, seed, ranks,
+        workers, batch size, views), or it refuses."""
         _check_rank(batch_size, rank, world_size)
         if num_workers < 0 or shuffle_buffer < 1 or max_bad_samples < 0:
             raise DataError(f"num_workers ({num_workers}) and max_bad_samples ({max_bad_samples}) must be >= 0, shuffle_buffer ({shuffle_buffer}) >= 1.")
@@ -222,10 +317,36 @@ class ShardStream:
             batch_size=batch_size, rank=rank, seed=seed, batches_per_epoch=self.batches_per_epoch,
             num_slots=max(1, num_workers), shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples, allow_pipe=allow_pipe,
             num_classes=num_classes, max_image_pixels=max_image_pixels,
+            record_views=record_views, targets=targets,
         )  # fmt: skip
+        self.urls_given = urls
+        if targets is not None:
+            self._check_targets(targets)
         self.epoch, self.batch = 0, 0
         self._new_epoch_counters()
         self._bad_before_epoch = 0
+
+    def order(self) -> "StreamOrder":
+        """What fixes this stream's sample order (a recording keeps it; a replay must match it)."""
+        return stream_order(self.urls_given, self.index, batch_size=self.batch_size, world_size=self.world_size,
+                            num_workers=self.num_workers, seed=self._plan.seed, samples_per_epoch=self.samples_per_epoch,
+                            shuffle_buffer=self._plan.shuffle_buffer)  # fmt: skip
+
+    def _check_targets(self, targets: TargetsReplay) -> None:
+        index = targets.index
+        problems = order_problems(index.raw.data, self.order())
+        if ViewsConfig.model_validate(index.raw.views) != self._plan.views:
+            problems.append(f"the views differ: recorded {index.raw.views}, this stream has {self._plan.views.model_dump(mode='json')}")
+        unknown = [name for name in targets.views or () if name not in self._plan.views.views]
+        if unknown:
+            problems.append(f"views {unknown} are not among the stream's views {sorted(self._plan.views.views)}")
+        missing = [tap for tap in targets.taps if index.tap(tap) is None]
+        if missing:
+            problems.append(f"taps {missing} were not recorded (recorded: {[s.tap for s in index.raw.taps]})")
+        if problems:
+            raise DataError(f"The teacher targets in {index.directory} were recorded from another stream than this one: "
+                            + "; ".join(problems) + ". A student reads its records in the recorded order, so it must stream "
+                            "the same data with the same seed, ranks, workers, batch size and views.")
 
     def _new_epoch_counters(self) -> None:
         self._positions: list[int | None] = [None] * self._plan.num_slots
@@ -291,6 +412,23 @@ class ShardStream:
         self._bad_before_epoch = self.bad_samples
         self.epoch, self.batch = self.epoch + 1, 0
         self._new_epoch_counters()
+
+
+def stream_order(urls, index: ShardIndex | None, *, batch_size: int, world_size: int, num_workers: int, seed: int,
+                 samples_per_epoch: int | None = None, shuffle_buffer: int = 1000) -> "StreamOrder":
+    """The order a ShardStream with these settings would stream in, without building one (a
+    plan checks a student's stream against a recording with it)."""
+    from .targets import StreamOrder, sha256_of
+
+    samples = samples_per_epoch if samples_per_epoch is not None else index.total
+    local_index = index is not None and "://" not in index.location
+    return StreamOrder(
+        train=str(urls) if isinstance(urls, (str, os.PathLike)) else "::".join(map(str, urls)),
+        data_index_sha256=sha256_of(index.location) if local_index else None,
+        seed=seed, world_size=world_size, num_workers=num_workers, micro_batch_size=batch_size,
+        samples_per_epoch=samples, batches_per_epoch=math.ceil(samples / (batch_size * world_size)),
+        shuffle_buffer=shuffle_buffer,
+    )  # fmt: skip
 
 
 def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:

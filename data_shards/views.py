@@ -4,7 +4,8 @@ TinyMIM-style distillation wants a teacher view and a student view of the same c
 only in colour jitter; a CLIP teacher wants its own mean/std. So the crop box and the flip are
 sampled once per sample, applied once, and each view then adds its own colour jitter and
 normalisation. All randomness comes from a per-sample seed, so a sample's views are a pure
-function of (image, config, seed).
+function of (image, config, seed); and every random decision is drawn first, as explicit
+parameters (``ViewParams``), then applied, so that recorded parameters replay a view exactly.
 """
 
 import math
@@ -160,30 +161,87 @@ def apply_geometry(image: torch.Tensor, geometry: Geometry, config: GeometryConf
     return F.horizontal_flip(out) if geometry.flip else out
 
 
-def apply_view(image: torch.Tensor, config: ViewConfig, seed: int) -> torch.Tensor:
-    """uint8 [3,H,W] -> float [3,H,W]: colour jitter (if any), then normalisation."""
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random decision behind one sample's views, so that they can be replayed exactly.
+
+    ``geometry``: the crop box and flip shared by all views. ``jitter``: per view, the colour
+    adjustments in the order applied, each ``(which, factor)`` with ``which`` an index into
+    (brightness, contrast, saturation); a view without jitter has none. ``mask_seed``: the seed
+    a masking objective draws this sample's mask from (a pure function of the sample's seed,
+    so drawing it changes nothing else).
+    """
+
+    geometry: Geometry | None  # None for text, which has no views
+    jitter: dict[str, tuple[tuple[int, float], ...]]
+    mask_seed: int
+
+    def to_json(self) -> dict:
+        g = self.geometry
+        return {"box": None if g is None else [g.top, g.left, g.height, g.width], "flip": g is not None and g.flip,
+                "jitter": {name: [[which, factor] for which, factor in steps] for name, steps in self.jitter.items()},
+                "mask_seed": self.mask_seed}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "ViewParams":
+        geometry = None
+        if raw["box"] is not None:
+            top, left, height, width = (int(v) for v in raw["box"])
+            geometry = Geometry(top, left, height, width, bool(raw["flip"]))
+        jitter = {name: tuple((int(which), float(factor)) for which, factor in steps) for name, steps in raw["jitter"].items()}
+        return cls(geometry, jitter, int(raw["mask_seed"]))
+
+
+_ADJUST = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+
+
+def draw_jitter(strength: float | Triple | None, seed: int) -> tuple[tuple[int, float], ...]:
+    """Brightness, contrast and saturation factors in [1 - s, 1 + s], in a random order (as
+    torchvision's ColorJitter); an adjustment of strength 0 is left out."""
+    if strength is None:
+        return ()
+    strengths = (strength,) * 3 if isinstance(strength, (int, float)) else strength
+    rng = random.Random(seed)
+    steps = []
+    for which in rng.sample(range(3), 3):
+        if strengths[which] > 0:
+            steps.append((which, rng.uniform(max(0.0, 1 - strengths[which]), 1 + strengths[which])))
+    return tuple(steps)
+
+
+def text_params(seed: int) -> ViewParams:
+    """A text sample has no views; its only random decision is the mask seed."""
+    return ViewParams(None, {}, derive_seed(seed, "mask"))
+
+
+def draw_view_params(height: int, width: int, config: ViewsConfig, seed: int) -> ViewParams:
+    """The random decisions of all configured views of one image of this size: the geometry
+    once (shared), each view's jitter from a seed of its own."""
+    return ViewParams(
+        geometry=sample_geometry(height, width, config.geometry, seed),
+        jitter={name: draw_jitter(view.color_jitter, derive_seed(seed, "view", name)) for name, view in config.views.items()},
+        mask_seed=derive_seed(seed, "mask"),
+    )  # fmt: skip
+
+
+def apply_view(image: torch.Tensor, config: ViewConfig, jitter: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """uint8 [3,H,W] -> float [3,H,W]: the drawn colour adjustments (if any), then normalisation."""
     out = F.to_dtype(image, torch.float32, scale=True)
-    if config.color_jitter is not None:
-        out = color_jitter(out, config.color_jitter, seed)
+    for which, factor in jitter:
+        out = _ADJUST[which](out, factor)
     if config.normalize != "none":
         mean, std = NORMALIZE[config.normalize] if isinstance(config.normalize, str) else config.normalize
         out = F.normalize(out, list(mean), list(std))
     return out
 
 
-def color_jitter(image: torch.Tensor, strength: float | Triple, seed: int) -> torch.Tensor:
-    """Brightness, contrast and saturation factors in [1 - s, 1 + s], applied in a random order (as ColorJitter)."""
-    strengths = (strength,) * 3 if isinstance(strength, (int, float)) else strength
-    rng = random.Random(seed)
-    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
-    for index in rng.sample(range(3), 3):
-        if strengths[index] > 0:
-            image = adjust[index](image, rng.uniform(max(0.0, 1 - strengths[index]), 1 + strengths[index]))
-    return image
+def apply_views(image: torch.Tensor, config: ViewsConfig, params: ViewParams, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The views of one uint8 RGB image, from drawn (or recorded) parameters; ``names``: only these."""
+    shared = apply_geometry(image, params.geometry, config.geometry)
+    wanted = config.views if names is None else {name: config.views[name] for name in names}
+    return {name: apply_view(shared, view, params.jitter[name]) for name, view in wanted.items()}
 
 
 def make_views(image: torch.Tensor, config: ViewsConfig, seed: int) -> dict[str, torch.Tensor]:
     """All configured views of one uint8 RGB image; the geometry is drawn once and shared."""
-    geometry = sample_geometry(image.shape[-2], image.shape[-1], config.geometry, seed)
-    shared = apply_geometry(image, geometry, config.geometry)
-    return {name: apply_view(shared, view, derive_seed(seed, "view", name)) for name, view in config.views.items()}
+    return apply_views(image, config, draw_view_params(image.shape[-2], image.shape[-1], config, seed))

@@ -10,6 +10,10 @@ once per process:
     DISTILL_FAULT=hang_rank_at_step:1:3       rank 1 stops answering (sleeps) at the start of step 3
     DISTILL_FAULT=die_in_save_at_step:4       rank 0 SIGKILLs itself in the middle of the step-4
                                               checkpoint (DeepSpeed's files written, no marker)
+    DISTILL_FAULT=kill_rank_at_record_batch:1:5   a recording stage's rank 1 SIGKILLs itself when
+                                              it is about to write its 5th batch of records in
+                                              this process (the batches since its last checkpoint
+                                              sit in an open shard)
 
 Several faults can be given separated by commas. Usage, as the tests launch it:
 ``DISTILL_FAULT=... deepspeed --num_gpus 2 tests/faults.py --spec JOB.yaml``.
@@ -95,6 +99,18 @@ def install() -> None:
                          f"checkpoint")
         return result
 
+    from data_shards.targets import TargetWriter
+    write_batch = TargetWriter.write_batch
+    written = {"batches": 0}
+
+    @functools.wraps(write_batch)
+    def write_batch_with_faults(self, batch, blobs):
+        written["batches"] += 1
+        if any(args == [self.rank, written["batches"]] for args in wanted("kill_rank_at_record_batch")):
+            _die(f"kill_rank_at_record_batch: rank {self.rank} at its batch {written['batches']}")
+        return write_batch(self, batch, blobs)
+
+    TargetWriter.write_batch = write_batch_with_faults
     StageTrainer.train_step = train_step_with_faults
     StageTrainer.forward_backward = forward_backward_with_faults
     DeepSpeedEngine.save_checkpoint = save_checkpoint_with_faults

@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recordings_beyond_disk(job) -> str | None:
+    """--plan refuses a recording larger than the disk it writes to: one paragraph each."""
+    from distill_engine.planning.job import RecordPlan
+    from distill_engine.planning.targets import disk_problem
+    found = [f"error: {job.source}: stages[{plan.index}].record: {problem}"
+             for plan in job.stages if isinstance(plan, RecordPlan) and (problem := disk_problem(plan))]
+    return "\n".join(found) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -102,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import print_memory
         for where, message in job.warnings:
             print(f"warning: {where}: {message} (a memory plan needs shapes only)", file=sys.stderr)
+        if refused := recordings_beyond_disk(job):
+            if is_first_rank:
+                print(refused, file=sys.stderr)
+            return 2
         gpu_memory = args.gpu_memory
         return 0 if print_memory(memory_reports(job, world_size, gpu_memory), gpu_memory) else 3
     stage_names = [stage.name for stage in job.spec.stages]

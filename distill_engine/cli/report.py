@@ -5,8 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from distill_engine.planning.job import JobPlan, StageMemory
+from distill_engine.planning.job import JobPlan, RecordPlan, StageMemory
 from distill_engine.planning.memory import USABLE_FRACTION
+from distill_engine.planning.targets import describe_targets, recording_bytes
 from distill_engine.planning.text_checks import describe_text
 from distill_engine.spec.units import gib
 from distill_engine.training.evaluation import describe as describe_evaluation
@@ -45,6 +46,13 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
         table.add_column(style="bold")
         table.add_column()
         models = plan.models
+        if isinstance(plan, RecordPlan):
+            _recording_rows(table, plan)
+            console.print(table)
+            continue
+        if plan.refs.targets is not None:
+            table.add_row("teacher", describe_targets(plan))
+            table.add_row("teacher taps", ", ".join(plan.teacher_taps) or "-")
         if plan.teacher is not None:
             kept = (f", {_millions(models.teacher_params_kept)} kept after pruning"
                     if models.pruned_teacher else "")
@@ -90,6 +98,28 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
                 config = f" ({chosen.config})" if chosen.config else ""
                 table.add_row(f"{chosen.role} placement", f"{chosen.name}{config}: {chosen.why}")
         console.print(table)
+
+
+def _recording_rows(table: Table, plan: RecordPlan) -> None:
+    models, record, data = plan.models, plan.spec.record, plan.spec.data
+    kept = (f", {_millions(models.teacher_params_kept)} kept after pruning"
+            if models.pruned_teacher else "")
+    table.add_row("teacher", f"{plan.teacher.arch} {plan.teacher.kwargs or ''} "
+                  f"({_millions(models.teacher_params)} params{kept}); weights "
+                  f"{plan.teacher.weights}")
+    table.add_row("records", "; ".join(store.describe() for store in plan.stores))
+    size = recording_bytes(plan)
+    count = (f"{record.epochs} epochs x {plan.batches_per_epoch} batches x {data.micro_batch_size} "
+             f"x {plan.world_size} ranks = {plan.records:,} records, ~{gib(size)}"
+             if plan.records else f"{record.epochs} epochs (size unknown: no readable shard index)")
+    table.add_row("recording", f"{count}, into {plan.targets_dir} (no student: a stage reads "
+                  f"them with teacher: {{targets: 'stage:{plan.name}'}})")
+    table.add_row("objectives", "; ".join(f"{o.label} (for the students)" for o in plan.spec.objectives))
+    table.add_row("data", f"train {data.train}; {data.views.geometry.size}px views {list(data.views.views)}")
+    if plan.placement is not None and plan.placement.teacher is not None:
+        chosen = plan.placement.teacher
+        config = f" ({chosen.config})" if chosen.config else ""
+        table.add_row("teacher placement", f"{chosen.name}{config}: {chosen.why}")
 
 
 def print_memory(memories: list[StageMemory], gpu_memory: int | None, console=None) -> bool:

@@ -26,6 +26,25 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 
+# Batch entries of a stream that replays recorded teacher targets (data_shards.targets):
+# the recorded taps, and each sample's recorded mask seed.
+RECORDED_TAPS = "targets"
+MASK_SEED = "mask_seed"
+
+
+@dataclass(frozen=True)
+class TapNeed:
+    """What a student trained from recorded teacher targets needs of one teacher tap: its
+    ``tokens`` whole, its logits' ``top_k``, or one ``token`` (first or mean); whether an int8
+    record (a per-token scale) serves. A recording stores each tap in a form that serves
+    every objective reading it (``data_shards.targets.store_problem``)."""
+
+    tap: str
+    store: str
+    token: str | None = None
+    int8_ok: bool = False
+
+
 class ObjectiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # weight: .inf is no weight
 
@@ -50,6 +69,15 @@ class ObjectiveConfig(BaseModel):
 
     def teacher_taps(self) -> list[str]:
         return []
+
+    def teacher_needs(self) -> list[TapNeed]:
+        """How each teacher tap must be recorded for this objective (default: whole)."""
+        return [TapNeed(tap, "tokens") for tap in self.teacher_taps()]
+
+    def live_teacher_input(self, inputs: Any, teacher_model: nn.Module | None) -> Any:
+        """The teacher's input as this objective's ``prepare`` would leave it for a live
+        teacher (a recording stage, which builds no objective, asks here); default as is."""
+        return inputs
 
 
 @dataclass
@@ -108,6 +136,15 @@ class Objective(nn.Module):
         elements = sum(_per_sample(shape) for side in self.shapes.values()
                        for shape in side.values())
         return 4 * 4 * elements, "4 fp32 copies of the taps it reads"
+
+
+def sample_generators(batch: dict[str, Any], generator: torch.Generator) -> list[torch.Generator] | None:
+    """One generator per sample, seeded by the mask seed its record holds, when the batch
+    replays recorded targets (so a sample gets its recorded mask in every epoch that reads
+    that record); None otherwise (the mask comes from the step's generator)."""
+    if MASK_SEED not in batch:
+        return None
+    return [torch.Generator(generator.device).manual_seed(int(seed)) for seed in batch[MASK_SEED].tolist()]
 
 
 def _per_sample(shape: tuple[int, ...]) -> int:

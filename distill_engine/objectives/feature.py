@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from .base import Objective, ObjectiveConfig, ObjectiveError, TapNeed, TapShapes, register
 
 
 def feature_distillation_loss(projected_student: torch.Tensor, teacher_tokens: torch.Tensor,
@@ -39,6 +39,11 @@ class FeatureConfig(ObjectiveConfig):
 
     def teacher_taps(self) -> list[str]:
         return [self.teacher_tap]
+
+    def teacher_needs(self) -> list[TapNeed]:
+        # All tokens; int8 with a per-token scale serves too: the target is whitened per token,
+        # which leaves only the rounding of 127 steps.
+        return [TapNeed(self.teacher_tap, "tokens", int8_ok=True)]
 
 
 @register("feature")

@@ -28,7 +28,7 @@ from pydantic import Field
 from distill_engine.families.masking import MASK_RATIO, masks_inside
 from distill_engine.modeling.inputs import model_inputs, original_student_inputs, to_model
 
-from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from .base import RECORDED_TAPS, Objective, ObjectiveConfig, ObjectiveError, TapNeed, TapShapes, register
 from .soft_label import check_teacher_tokens, teacher_subset
 
 # Where prepare() keeps the student's unmasked input for the second pass.
@@ -74,6 +74,12 @@ class HiddenConfig(ObjectiveConfig):
 
     def teacher_taps(self) -> list[str]:
         return [self.teacher_tap]
+
+    def teacher_needs(self) -> list[TapNeed]:
+        return [TapNeed(self.teacher_tap, "token", token=self.token)]
+
+    def live_teacher_input(self, inputs: Any, teacher_model) -> Any:
+        return unmasked(inputs, masks_inside(teacher_model))  # as prepare() gives a live teacher
 
 
 def _encoder_activations(model, tap_tokens: int) -> tuple[int, str] | None:
@@ -121,10 +127,11 @@ class HiddenStateMatching(Objective):
         check_teacher_tokens(config, shapes)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-        batch = {**batch,
-                 UNMASKED_STUDENT: unmasked(original_student_inputs(batch),
-                                            self.masks_inside["student"]),
-                 "teacher": unmasked(model_inputs(batch, "teacher"), self.masks_inside["teacher"])}
+        batch = {**batch, UNMASKED_STUDENT: unmasked(original_student_inputs(batch),
+                                                     self.masks_inside["student"])}
+        if RECORDED_TAPS in batch:  # recorded targets: no teacher runs
+            return batch
+        batch["teacher"] = unmasked(model_inputs(batch, "teacher"), self.masks_inside["teacher"])
         return teacher_subset(batch, self.config.teacher_tokens, generator)
 
     def forward(self, student_taps, teacher_taps, batch, student=None):
@@ -136,13 +143,16 @@ class HiddenStateMatching(Objective):
         inputs = to_model(batch[UNMASKED_STUDENT], first_pass.device, first_pass.dtype)
         student_tokens = student(inputs)[self.config.student_tap]
         teacher_tokens = teacher_taps[self.config.teacher_tap]
+        if teacher_tokens.dim() == 2:  # recorded targets hold the chosen token [B, D] only
+            teacher_hidden = teacher_tokens
         # (A teacher fed a subset of its tokens, MaskedKD, sees fewer on purpose.)
-        if student_tokens.shape[1] != teacher_tokens.shape[1] and self.config.teacher_tokens == 1:
+        elif student_tokens.shape[1] != teacher_tokens.shape[1] and self.config.teacher_tokens == 1:
             raise ObjectiveError(
                 f"the unmasked student pass gave {student_tokens.shape[1]} tokens and the "
                 f"teacher {teacher_tokens.shape[1]}: both must see the whole input")
-        return hidden_state_distance(select_token(student_tokens, self.config.token),
-                                     select_token(teacher_tokens, self.config.token))
+        else:
+            teacher_hidden = select_token(teacher_tokens, self.config.token)
+        return hidden_state_distance(select_token(student_tokens, self.config.token), teacher_hidden)
 
     def memory_per_sample(self) -> tuple[float, str]:
         """The fp32 distance terms, and what the second, unmasked student pass keeps for the

@@ -6,7 +6,8 @@ mae_pretraining``): encoder and decoder in one module, whose output ``logits`` a
 decoder's per-patch predictions [B, L, p*p*C]. MAE checkpoints convert to it, and its
 masking and loss are those of MAE's official code. Per micro-batch this objective draws the
 mask (one random permutation of the L patches per sample, from the step's seeded generator,
-so that a resumed run draws the same) and hands it to the model as ViTMAE's ``noise``: the
+so that a resumed run draws the same; from each sample's recorded mask seed when the stage
+reads recorded teacher targets) and hands it to the model as ViTMAE's ``noise``: the
 model keeps the ``int(L * (1 - mask_ratio))`` patches of lowest noise. The noise is an
 integer permutation, so no cast to the model's dtype can tie two values and change the mask.
 
@@ -26,7 +27,7 @@ from pydantic import Field
 from distill_engine.families.masking import MASK_RATIO, masks_inside
 from distill_engine.modeling.inputs import model_inputs
 
-from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register, sample_generators
 
 # ----------------------------------------------------------------------------- the math
 
@@ -115,8 +116,12 @@ class MaskedAutoencoding(Objective):
         height, width = pixels.shape[-2:]
         patches = (height // self.patch_size) * (width // self.patch_size)
         # A random permutation per sample: the patches ranked below keep() stay visible.
-        noise = torch.rand(pixels.shape[0], patches, generator=generator,
-                           device=generator.device).argsort(dim=-1).to(pixels.device)
+        per_sample = sample_generators(batch, generator)
+        if per_sample is None:
+            noise = torch.rand(pixels.shape[0], patches, generator=generator, device=generator.device)
+        else:  # replayed targets: each sample's recorded mask seed
+            noise = torch.stack([torch.rand(patches, generator=g, device=g.device) for g in per_sample])
+        noise = noise.argsort(dim=-1).to(pixels.device)
         return {**batch, "student": {"pixel_values": pixels, "noise": noise,
                                      MASK_RATIO: self.config.mask_ratio}}
 

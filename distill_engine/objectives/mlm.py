@@ -18,7 +18,7 @@ from distill_engine.families.hf import PREDICT_AT, output_projection
 from distill_engine.modeling.inputs import ORIGINAL_STUDENT, model_inputs
 from distill_engine.modeling.taps import OUTPUT
 
-from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register, sample_generators
 
 IGNORE = -100  # the label of a position that is not predicted (cross_entropy's ignore_index)
 LABELS = "mlm_labels"  # where prepare leaves the labels in the batch
@@ -125,8 +125,14 @@ class MaskedLM(Objective):
         special = torch.isin(ids, torch.tensor(self.special_ids, device=ids.device))
         if "attention_mask" in inputs:
             special |= inputs["attention_mask"] == 0
-        corrupted, labels = mlm_mask(ids, special, self.mask_token_id, self.vocab_size, generator,
-                                     self.config.probability)
+        per_sample = sample_generators(batch, generator)
+        if per_sample is None:
+            corrupted, labels = mlm_mask(ids, special, self.mask_token_id, self.vocab_size,
+                                         generator, self.config.probability)
+        else:  # replayed targets: each sample's recorded mask seed, row by row
+            rows = [mlm_mask(ids[i:i + 1], special[i:i + 1], self.mask_token_id, self.vocab_size,
+                             g, self.config.probability) for i, g in enumerate(per_sample)]
+            corrupted, labels = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         # The student's own entry: a teacher reading the shared "tokens" still sees the text,
         # and the entry replaced stays in the batch for objectives that need it (hidden).
         student = {**inputs, "input_ids": corrupted}

@@ -12,7 +12,7 @@ from pydantic import Field
 from distill_engine.families import token_subset
 from distill_engine.modeling.inputs import model_inputs
 
-from .base import Objective, ObjectiveConfig, ObjectiveError, TapShapes, register
+from .base import Objective, ObjectiveConfig, ObjectiveError, TapNeed, TapShapes, register
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -57,6 +57,9 @@ class SoftLabelConfig(ObjectiveConfig):
 
     def teacher_taps(self) -> list[str]:
         return [self.teacher_tap]
+
+    def teacher_needs(self) -> list[TapNeed]:
+        return [TapNeed(self.teacher_tap, "top_k")]  # the top k logits, the rest filled
 
 
 @register("soft_label")

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_shards.targets import TapStore
 from distill_engine.families import InputShape, ModelRecipe
 from distill_engine.modeling import tracing
 from distill_engine.objectives import TapShapes
-from distill_engine.spec.schema import JobSpec, StageSpec
+from distill_engine.spec.schema import JobSpec, RecordStageSpec, StageSpec
 
 EXPORT_DIR = "export"
 Problems = list[tuple[str, str]]
@@ -25,20 +26,41 @@ Problems = list[tuple[str, str]]
 # ---------------------------------------------------------------------------- references and steps
 
 @dataclass
+class TargetsRef:
+    """Recorded teacher targets a stage reads in place of a live teacher."""
+
+    directory: Path
+    teacher: ModelRecipe                   # the recorded teacher (built on the meta device only)
+    stage: str | None                      # the recording stage of this job, or None (a directory)
+    allow_wrap: bool = False
+    weights: Path | None = None            # weights the stage names, checked against the record
+
+
+@dataclass
 class StageRefs:
-    """A stage's models as concrete recipes (``stage:NAME`` replaced by what it names)."""
+    """A stage's models as concrete recipes (``stage:NAME`` replaced by what it names).
+    ``teacher`` is the live teacher the runtime builds: None without one, and for a stage
+    that reads recorded targets (``targets``); a recording stage has no ``student`` and
+    writes to ``records``."""
 
     name: str
     dir: Path
     teacher: ModelRecipe | None
-    student: ModelRecipe
+    student: ModelRecipe | None
     student_init: Path | None              # weights to start from (None: random init)
     student_taps: list[str]
     teacher_taps: list[str]
+    targets: TargetsRef | None = None
+    records: Path | None = None
 
     @property
     def export_dir(self) -> Path:
         return self.dir / EXPORT_DIR
+
+    @property
+    def traced_teacher(self) -> ModelRecipe | None:
+        """The teacher whose taps the objectives read: live, or the one that was recorded."""
+        return self.teacher if self.targets is None else self.targets.teacher
 
 
 @dataclass
@@ -94,9 +116,10 @@ class ModelFacts:
 class StageFacts:
     """What a plan of this stage needs from the meta-device models, traced once."""
 
-    student: ModelFacts                # objective heads included: they train with it
-    teacher: ModelFacts | None         # the pruned teacher
+    student: ModelFacts | None         # objective heads included: they train with it (None: recording)
+    teacher: ModelFacts | None         # the pruned teacher (None: no live teacher)
     objectives: tuple[float, str]      # bytes per sample, and how they were counted
+    recorded_teacher: ModelFacts | None = None  # the teacher that recorded targets replace
 
 
 # ---------------------------------------------------------------------------- memory and placement
@@ -170,7 +193,7 @@ class Placement:
 @dataclass
 class StagePlacement:
     teacher: Placement | None
-    student: Placement
+    student: Placement | None          # None: a recording stage
     memory: StageMemory                # the plan of what will run, against ``budget``
     budget: float                      # usable bytes per device
     budget_how: str
@@ -248,8 +271,57 @@ class StagePlan:
 
 
 @dataclass
+class RecordPlan:
+    """A recording stage, resolved: its teacher (traced, placed), which taps are stored and
+    how (``stores``), where the records go, and how many batches an epoch has."""
+
+    index: int
+    spec: RecordStageSpec
+    refs: StageRefs
+    world_size: int
+    input_shape: InputShape
+    models: ModelSummary               # the teacher's side: tap shapes, trace, pruning
+    stores: list[TapStore]
+    batches_per_epoch: int | None      # None: no readable shard index (the stream counts)
+    facts: StageFacts | None = None
+    placement: StagePlacement | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dir(self) -> Path:
+        return self.refs.dir
+
+    @property
+    def export_dir(self) -> Path:
+        return self.refs.export_dir
+
+    @property
+    def targets_dir(self) -> Path:
+        return self.refs.records
+
+    @property
+    def teacher(self) -> ModelRecipe:
+        return self.refs.teacher
+
+    @property
+    def teacher_taps(self) -> list[str]:
+        return self.refs.teacher_taps
+
+    @property
+    def records(self) -> int | None:
+        """Records the stage writes, over all ranks and epochs."""
+        if self.batches_per_epoch is None:
+            return None
+        return (self.spec.record.epochs * self.batches_per_epoch * self.world_size
+                * self.spec.data.micro_batch_size)
+
+
+@dataclass
 class JobPlan:
     spec: JobSpec
     source: str
-    stages: list[StagePlan]
+    stages: list[StagePlan | RecordPlan]
     warnings: list[tuple[str, str]] = field(default_factory=list)

@@ -17,18 +17,19 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from distill_engine.spec.problem_paths import where_written
-from distill_engine.spec.schema import (STAGE_DEFAULTS, JobHeader, JobSpec, StageSpec,
-                                        with_stage_defaults)
+from distill_engine.spec.schema import (STAGE_DEFAULTS, JobHeader, JobSpec, RecordStageSpec,
+                                        StageSpec, is_recording, with_stage_defaults)
 from distill_engine.spec.units import gib
 from distill_engine.spec.yaml_io import SpecError, apply_overrides, pydantic_problems, read_yaml
 
-from .job import JobPlan, StagePlan, input_shape
+from .job import JobPlan, RecordPlan, StagePlan, input_shape
 from .label_checks import check_labels
 from .memory import stage_facts
 from .model_checks import check_models, check_teacher_weights
-from .placement import place
+from .placement import place, place_recording
 from .references import (check_batch, check_batch_against_data, check_files, count_steps,
                          resolve_references, run_dir_problem)
+from .targets import check_targets, plan_recording
 from .text_checks import check_inputs
 
 # More memory per rank than any accelerator (or host of CPU ranks) has: a spec whose plan
@@ -68,12 +69,13 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
         header = None
     # Each stage on its own, so that one broken stage does not hide the others' problems.
     raw_stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
-    stages: list[StageSpec | None] = []
+    stages: list[StageSpec | RecordStageSpec | None] = []
     for i, stage_raw in enumerate(raw_stages):
+        model = RecordStageSpec if is_recording(stage_raw) else StageSpec
         try:
-            stages.append(StageSpec.model_validate(stage_raw))
+            stages.append(model.model_validate(stage_raw))
         except ValidationError as err:
-            problems += pydantic_problems(err, ("stages", i), model=StageSpec)
+            problems += pydantic_problems(err, ("stages", i), model=model)
             stages.append(None)
     raw_names = [s.get("name") if isinstance(s, dict) and isinstance(s.get("name"), str) else None
                  for s in raw_stages]
@@ -81,12 +83,22 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
     if header and (problem := run_dir_problem(run_dir)):
         problems.append(("run_dir", problem))
 
-    plans: list[StagePlan] = []
+    plans: list[StagePlan | RecordPlan] = []
     all_refs = resolve_references(run_dir, stages, raw_names, problems, restart_from)
     for i, (stage, refs) in enumerate(zip(stages, all_refs)):
         if stage is None or refs is None:
             continue
         here = f"stages[{i}]"
+        if isinstance(stage, RecordStageSpec):
+            check_files(stage, here, problems)
+            models = check_models(i, stage, refs, input_shape(stage), problems)
+            check_teacher_weights(i, stage, refs, problems)
+            if models is not None:
+                check_inputs(i, stage, {"teacher": (refs.teacher, models.tap_shapes.teacher_model)},
+                             problems)
+                if (recording := plan_recording(i, stage, refs, world_size, models, problems)):
+                    plans.append(recording)
+            continue
         check_files(stage, here, problems)
         check_batch(stage, here, world_size, problems)
         check_batch_against_data(stage, here, world_size, problems)
@@ -98,11 +110,18 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
         if models is not None:
             check_inputs(i, stage, {role: (recipe, model) for role, recipe, model in (
                 ("student", refs.student, models.tap_shapes.student_model),
-                ("teacher", refs.teacher, models.tap_shapes.teacher_model)) if model is not None},
+                ("teacher", refs.traced_teacher, models.tap_shapes.teacher_model)) if model is not None},
                 problems)
         if models is not None:
             plans.append(StagePlan(i, stage, refs, world_size, shape, models,
                                    count_steps(stage, world_size)))
+
+    # Stages reading recorded targets, against the recording (made earlier in this job, or
+    # found in a directory).
+    recordings = {plan.name: plan for plan in plans if isinstance(plan, RecordPlan)}
+    for plan in plans:
+        if isinstance(plan, StagePlan) and plan.refs.targets is not None:
+            check_targets(plan, recordings, header.seed if header else 0, problems)
 
     # Placement and memory, once everything they read (DeepSpeed configs, models) is known
     # to be sound. Sizes the data allows but no machine holds are refused, one report per
@@ -112,6 +131,9 @@ def load_plan(path: Path, overrides: list[str] | None = None, world_size: int = 
     seen: set[str] = set()
     for plan in plans if sound else []:
         plan.facts = stage_facts(plan)
+        if isinstance(plan, RecordPlan):
+            plan.placement = place_recording(plan, world_size, accelerator_bf16=accelerator_bf16)
+            continue
         plan.placement = place(plan, world_size, accelerator_bf16=accelerator_bf16)
         path = f"stages[{plan.index}].data.micro_batch_size"
         written_at = where_written([(path, "")], written)[0][0]

@@ -301,8 +301,12 @@ def advise(plan: StagePlan, memory: StageMemory, student: ModelFacts,
     return advice
 
 
-def stage_facts(plan: StagePlan) -> StageFacts:
+def stage_facts(plan) -> StageFacts:
+    """``plan``: a StagePlan, or a RecordPlan (the teacher alone)."""
     stage = plan.spec
+    if plan.refs.student is None:  # a recording stage
+        teacher_model = plan.models.tap_shapes.teacher_model
+        return StageFacts(None, traced_facts(teacher_model, plan.teacher, plan.input_shape), (0.0, ""))
     with torch.device("meta"):
         student_model = plan.student.family.create(plan.student, stage.student.drop_path_rate)
     student = traced_facts(student_model, plan.student, plan.input_shape)
@@ -311,7 +315,38 @@ def stage_facts(plan: StagePlan) -> StageFacts:
         teacher_model = plan.models.tap_shapes.teacher_model  # already pruned to the deepest tap
         teacher = traced_facts(teacher_model, plan.teacher, plan.input_shape)
     student = replace(student, params=student.params + plan.models.head_params)
-    return StageFacts(student, teacher, objective_memory(plan))
+    recorded = None
+    if plan.refs.targets is not None:  # what a live teacher would have cost: --plan says
+        recorded = traced_facts(plan.models.tap_shapes.teacher_model, plan.refs.targets.teacher,
+                                plan.input_shape)
+    return StageFacts(student, teacher, objective_memory(plan), recorded)
+
+
+def estimate_recording(plan, teacher: ModelFacts, sharded: bool, world_size: int,
+                       teacher_bytes: int, max_live: int, budget: float | None) -> StageMemory:
+    """A recording stage per rank: the teacher (replicated or sharded, as ``estimate``
+    counts it), its no-grad activations, and one batch of records on the host."""
+    from data_shards.targets import record_bytes
+    b = plan.spec.data.micro_batch_size
+    lines = []
+    if sharded:
+        in_flight = min(max_live + teacher.largest_layer, teacher.params)
+        lines.append(Line("teacher shard", teacher.params * teacher_bytes / world_size
+                          + in_flight * teacher_bytes,
+                          f"{teacher.params / 1e6:,.0f} M params x {teacher_bytes} B / {world_size} "
+                          f"+ {in_flight / 1e6:,.1f} M gathered at once"))
+    else:
+        lines.append(Line("teacher (replicated)", teacher.params * teacher_bytes,
+                          f"{teacher.params / 1e6:,.0f} M params x {teacher_bytes} B on every rank"))
+    taps = sum(_elements(shape) for shape in plan.models.tap_shapes.teacher.values())
+    lines.append(Line("teacher activations", (2 * teacher.largest_leaf_output + taps) * b * teacher_bytes,
+                      "no-grad forward: ~2 layer outputs live, plus the taps recorded"))
+    lines.append(Line("records of a batch (host)", 2 * b * record_bytes(plan.stores),
+                      "the stored forms of one batch, and their encoded bytes"))
+    settings = Settings(world_size=world_size, micro_batch=b, checkpointing=False, zero_stage=0,
+                        offload_optimizer=False, param_bytes=teacher_bytes, teacher_bytes=teacher_bytes,
+                        teacher_sharded=sharded)
+    return StageMemory(plan.name, settings, lines, budget)
 
 
 def settings_for(plan: StagePlan, world_size: int, teacher, student,

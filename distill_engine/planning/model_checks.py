@@ -32,11 +32,14 @@ def build_meta(recipe: ModelRecipe, stage: StageSpec, role: str) -> nn.Module:
 def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShape,
                  problems: Problems) -> ModelSummary | None:
     """None when a model cannot be built or traced, or a tap does not resolve (each problem
-    is appended with its YAML path)."""
+    is appended with its YAML path). The teacher is the live one, or the one whose recorded
+    targets the stage reads (built on the meta device all the same: its tap shapes and
+    modules are what the objectives fit); a recording stage has a teacher only."""
     here = f"stages[{index}]"
     built: dict[str, tuple[nn.Module, tracing.Trace]] = {}
+    teacher_recipe = refs.traced_teacher
     for role, recipe, taps in (("student", refs.student, refs.student_taps),
-                               ("teacher", refs.teacher, refs.teacher_taps)):
+                               ("teacher", teacher_recipe, refs.teacher_taps)):
         if recipe is None or arch_problem(recipe.arch):
             continue  # no teacher, or already reported
         if not sane_sizes(recipe, getattr(stage, role), f"{here}.{role}", problems):
@@ -74,7 +77,11 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
         else:
             check_weights_file(model, refs.student_init, f"{here}.student.init", problems,
                                head=head, ignore=ignore, family=family)
-    if "student" not in built or (refs.teacher is not None and "teacher" not in built):
+    if teacher_recipe is not None and "teacher" not in built:
+        return None
+    if refs.student is None:  # a recording stage: the teacher alone
+        return _teacher_summary(ModelSummary(TapShapes(), 0, 0), refs, *built["teacher"])
+    if "student" not in built:
         return None
 
     student_model, student_trace = built["student"]
@@ -96,10 +103,7 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
             m for m in (tracing.modules_after(student_trace, deepest) if deepest else [])
             if any(p.startswith(m + ".") for p in summary.frozen_params)]
     if teacher_model is not None:
-        summary.teacher_params = _count(teacher_model)
-        summary.teacher_trace = teacher_trace
-        summary.pruned_teacher = tracing.prune_after(teacher_model, teacher_trace, refs.teacher_taps)
-        summary.teacher_params_kept = _count(teacher_model)
+        _teacher_summary(summary, refs, teacher_model, teacher_trace)
     for j, objective in enumerate(stage.objectives):
         try:
             with torch.device("meta"):
@@ -114,6 +118,17 @@ def check_models(index: int, stage: StageSpec, refs: StageRefs, shape: InputShap
     return summary
 
 
+def _teacher_summary(summary: ModelSummary, refs: StageRefs, model: nn.Module,
+                     trace: tracing.Trace) -> ModelSummary:
+    summary.tap_shapes.teacher = {t: trace.shapes.get(t, ()) for t in refs.teacher_taps}
+    summary.tap_shapes.teacher_model = model
+    summary.teacher_params = _count(model)
+    summary.teacher_trace = trace
+    summary.pruned_teacher = tracing.prune_after(model, trace, refs.teacher_taps)
+    summary.teacher_params_kept = _count(model)
+    return summary
+
+
 def sane_sizes(recipe: ModelRecipe, written, where: str, problems: Problems) -> bool:
     """Whether the recipe's size-like kwargs, and those of its architecture's config file
     (``hf:DIR``), are sane enough to build (``size_limits``). ``written``: the role's spec
@@ -121,7 +136,7 @@ def sane_sizes(recipe: ModelRecipe, written, where: str, problems: Problems) -> 
     in_kwargs, in_file = size_problems(recipe)
     problems.extend((f"{where}.kwargs.{key}", message) for key, message in in_kwargs
                     if key in written.kwargs)
-    if not written.arch.startswith(STAGE_REF):
+    if written.arch is not None and not written.arch.startswith(STAGE_REF):
         problems.extend((f"{where}.arch", message) for message in in_file)
     return not in_kwargs and not in_file
 

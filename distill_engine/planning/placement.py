@@ -20,6 +20,7 @@ resumed run makes the same one and finds its checkpoint's layout.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -133,6 +134,46 @@ def place(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
     return StagePlacement(teacher, student, memory_with(teacher, student), budget, how)
 
 
+def place_recording(plan, world_size: int, gpu_memory: int | None = None,
+                    accelerator_bf16: bool | None = None) -> StagePlacement:
+    """A recording stage's teacher: replicated when it fits whole beside a batch of records,
+    else ZeRO-3 sharded (or what deepspeed.teacher_config names)."""
+    from .memory import dtype_bytes, estimate_recording
+    if accelerator_bf16 is None:
+        from distill_engine.accelerator import accelerator_has_bf16
+        accelerator_bf16 = accelerator_has_bf16()
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if gpu_memory:
+        total, how = gpu_memory, f"--gpu-memory {gib(gpu_memory)}"
+    else:
+        total, how = device_memory(plan.spec.deepspeed.device_memory, max(local, 1))
+    budget = total * USABLE_FRACTION
+    teacher = plan.facts.teacher
+    working = teacher_working_set(teacher.largest_layer)
+    bytes_ = dtype_bytes(plan.spec.teacher.dtype, accelerator_bf16)
+
+    def memory(sharded: bool):
+        return estimate_recording(plan, teacher, sharded, world_size, bytes_,
+                                  working["stage3_max_live_parameters"], budget)
+
+    ds = plan.spec.deepspeed
+    if ds.teacher_config != "auto":
+        sharded = config_stage(ds.teacher_config) == 3
+        chosen = Placement("teacher", "ZeRO-3 sharded" if sharded else "replicated",
+                           ds.teacher_config if sharded else None,
+                           "deepspeed.teacher_config names it", working if sharded else {})
+    elif memory(False).fits:
+        chosen = Placement("teacher", "replicated", None,
+                           f"its {plan.teacher.arch} fits whole on every rank "
+                           f"({gib(memory(False).total)} of {gib(budget)} usable, {how})")
+    else:
+        chosen = Placement("teacher", "ZeRO-3 sharded", TEACHER_SHARDED,
+                           f"replicated it would not fit ({gib(memory(False).total)} of "
+                           f"{gib(budget)} usable, {how}); sharded across {world_size} rank(s)",
+                           working)
+    return StagePlacement(chosen, None, memory(chosen.sharded), budget, how)
+
+
 def _with_why(placement: Placement, why: str) -> Placement:
     return replace(placement, why=why)
 
@@ -162,10 +203,48 @@ def memory_report(plan: StagePlan, world_size: int, gpu_memory: int | None = Non
                         f"checkpointing would be {gib(act.bytes)} (total {gib(other.total)})")
     if settings.zero_stage == 1:
         memory.notes.append("ZeRO stage 1 is counted as stage 2")
+    if plan.refs.targets is not None:
+        memory.notes.append(recorded_targets_note(plan, facts, settings.teacher_bytes))
     if not memory.fits:
         memory.advice = advise(plan, memory, student, teacher, knobs, objectives)
     return memory
 
 
+def recorded_targets_note(plan: StagePlan, facts: StageFacts, teacher_bytes: int) -> str:
+    """What reading recorded targets saves per rank (the teacher a live run would hold,
+    replicated, with its no-grad activations) and what the records take on disk."""
+    from data_shards.targets import TARGETS_INDEX, TargetsIndex
+    recorded = facts.recorded_teacher
+    b = plan.spec.data.micro_batch_size
+    taps = sum(math.prod(shape[1:]) for shape in plan.models.tap_shapes.teacher.values())
+    saved = recorded.params * teacher_bytes + (2 * recorded.largest_leaf_output + taps) * b * teacher_bytes
+    directory = plan.refs.targets.directory
+    if (Path(directory) / TARGETS_INDEX).is_file():
+        disk = f"the targets take {gib(TargetsIndex.load(directory).raw.bytes)} on disk"
+    else:
+        disk = f"the targets are to be recorded by stage {plan.refs.targets.stage!r}"
+    return (f"no teacher engine: recorded targets of {plan.refs.targets.teacher.arch} from "
+            f"{directory} save {gib(saved)} per rank (the teacher replicated, "
+            f"{recorded.params / 1e6:,.1f} M params, and its activations); {disk}")
+
+
 def memory_reports(job: JobPlan, world_size: int, gpu_memory: int | None = None) -> list[StageMemory]:
-    return [memory_report(stage, world_size, gpu_memory) for stage in job.stages]
+    return [memory_report(stage, world_size, gpu_memory) if stage.refs.student is not None
+            else recording_memory_report(stage, world_size, gpu_memory) for stage in job.stages]
+
+
+def recording_memory_report(plan, world_size: int, gpu_memory: int | None = None) -> StageMemory:
+    """--plan for a recording stage: its teacher's memory per device, and the disk the
+    records take (``targets.disk_problem`` refuses a recording the disk cannot hold)."""
+    from .targets import recording_bytes
+    placed = place_recording(plan, world_size, gpu_memory, accelerator_bf16=True)
+    memory = placed.memory
+    memory.budget = gpu_memory * USABLE_FRACTION if gpu_memory else None
+    memory.notes.append(placed.teacher.describe())
+    size = recording_bytes(plan)
+    records = f"{plan.records:,} records" if plan.records else "records"
+    memory.notes.append(
+        f"disk: {gib(size) if size is not None else 'unknown (no shard index)'} for {records} "
+        f"({plan.spec.record.epochs} epochs) in {plan.targets_dir}: "
+        + "; ".join(store.describe() for store in plan.stores))
+    return memory

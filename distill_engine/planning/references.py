@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from distill_engine.families import ModelRecipe, arch_problem
-from distill_engine.spec.schema import STAGE_REF, StageSpec
+from distill_engine.spec.schema import STAGE_REF, RecordStageSpec, StageSpec
 from distill_engine.suggest import did_you_mean
 
-from .job import Problems, StageRefs, StepCount, global_batch
+from .job import Problems, StageRefs, StepCount, TargetsRef, global_batch
+
+TARGETS_DIR = "targets"  # a recording stage's records, by default: RUN_DIR/STAGE/targets
 
 
 def resolve_references(run_dir: Path, stages: list[StageSpec | None],
@@ -56,10 +58,18 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
                 return refs[names[target]]  # None if that stage is itself invalid
             return None
 
+        if isinstance(stage, RecordStageSpec):
+            teacher = _live_teacher(stage, here, earlier, check_export, problems)
+            taps_t = sorted({t for o in stage.objectives for t in o.teacher_taps()})
+            records = stage.record.dir or run_dir / stage.name / TARGETS_DIR
+            refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, None, None, [],
+                                  taps_t, records=records) if teacher is not None else None)
+            continue
+
         student = None
         if stage.student.arch.startswith(STAGE_REF):
             source = earlier(stage.student.arch, f"{here}.student.arch")
-            if source:
+            if source and _not_a_recording(source, f"{here}.student.arch", problems):
                 exported = exported_student(source)
                 student = ModelRecipe(exported.arch, {**exported.kwargs, **stage.student.kwargs})
         else:
@@ -67,7 +77,7 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
         student_init = None
         if stage.student.init.startswith(STAGE_REF):
             source = earlier(stage.student.init, f"{here}.student.init")
-            if source:
+            if source and _not_a_recording(source, f"{here}.student.init", problems):
                 student_init = source.export_dir / "model.safetensors"
                 check_export(source, f"{here}.student.init")
         elif stage.student.init != "scratch":
@@ -77,34 +87,18 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
                                  f"weights file {student_init} does not exist (or use 'scratch' "
                                  "or 'stage:NAME')"))
 
-        teacher = None
-        if stage.teacher is not None:
-            if stage.teacher.arch.startswith(STAGE_REF):
-                source = earlier(stage.teacher.arch, f"{here}.teacher.arch")
-                if source:
-                    exported = exported_student(source)
-                    teacher = ModelRecipe(exported.arch, exported.kwargs,
-                                          source.export_dir / "model.safetensors")
-                    check_export(source, f"{here}.teacher.arch")
-            else:
-                teacher = ModelRecipe(stage.teacher.arch, dict(stage.teacher.kwargs),
-                                      stage.teacher.weights)
-                if stage.teacher.weights is not None and not stage.teacher.weights.is_file():
-                    problems.append((f"{here}.teacher.weights",
-                                     f"weights file {stage.teacher.weights} does not exist"))
-                elif stage.teacher.weights is None:
-                    problems.append((f"{here}.teacher.weights",
-                                     "a teacher needs weights: a local .safetensors or torch "
-                                     "state-dict file (teachers are never randomly initialised)"))
+        teacher = targets = None
+        if stage.teacher is not None and stage.teacher.targets is not None:
+            targets = _targets(stage, here, earlier, problems)
+        elif stage.teacher is not None:
+            teacher = _live_teacher(stage, here, earlier, check_export, problems)
 
-        for role, recipe, spec in (("student", student, stage.student),
-                                   ("teacher", teacher, stage.teacher)):
+        if student is not None and not stage.student.arch.startswith(STAGE_REF):
             # An architecture taken from an earlier stage was checked there.
-            if recipe is not None and not spec.arch.startswith(STAGE_REF):
-                if problem := arch_problem(recipe.arch):
-                    problems.append((f"{here}.{role}.arch", problem))
+            if problem := arch_problem(student.arch):
+                problems.append((f"{here}.student.arch", problem))
 
-        if stage.teacher is not None and teacher is None:
+        if stage.teacher is not None and teacher is None and targets is None:
             # An unresolved teacher reference (reported above): nothing to check the
             # objectives against.
             refs.append(None)
@@ -112,7 +106,7 @@ def resolve_references(run_dir: Path, stages: list[StageSpec | None],
         taps_s = sorted({t for o in stage.objectives for t in o.student_taps()})
         taps_t = sorted({t for o in stage.objectives for t in o.teacher_taps()})
         refs.append(StageRefs(stage.name, run_dir / stage.name, teacher, student, student_init,
-                              taps_s, taps_t) if student is not None else None)
+                              taps_s, taps_t, targets=targets) if student is not None else None)
     return refs
 
 
@@ -127,6 +121,72 @@ def lost_export(source: StageRefs) -> str | None:
             f"weights {weights} do not exist any more, and a finished stage is not trained "
             f"again; put the file back, or run with --restart-from {source.name} to train it "
             f"and every stage after it again (their folders are moved aside, not deleted)")
+
+
+def _not_a_recording(source: StageRefs, path: str, problems: Problems) -> bool:
+    if source.records is None:
+        return True
+    problems.append((path, f"stage {source.name!r} records teacher targets and has no student "
+                           f"to take; a stage reads its records with teacher: {{targets: "
+                           f"'stage:{source.name}'}}"))
+    return False
+
+
+def _live_teacher(stage, here: str, earlier, check_export, problems: Problems) -> ModelRecipe | None:
+    """The teacher a stage runs: an earlier stage's exported student, or a model and its
+    weights file. ``check_export``: reports an earlier stage's lost export."""
+    spec = stage.teacher
+    if spec.arch.startswith(STAGE_REF):
+        source = earlier(spec.arch, f"{here}.teacher.arch")
+        if source and _not_a_recording(source, f"{here}.teacher.arch", problems):
+            exported = exported_student(source)
+            check_export(source, f"{here}.teacher.arch")
+            return ModelRecipe(exported.arch, exported.kwargs, source.export_dir / "model.safetensors")
+        return None
+    teacher = ModelRecipe(spec.arch, dict(spec.kwargs), spec.weights)
+    if spec.weights is not None and not spec.weights.is_file():
+        problems.append((f"{here}.teacher.weights", f"weights file {spec.weights} does not exist"))
+    elif spec.weights is None:
+        problems.append((f"{here}.teacher.weights",
+                         "a teacher needs weights: a local .safetensors or torch "
+                         "state-dict file (teachers are never randomly initialised)"))
+    if problem := arch_problem(teacher.arch):
+        problems.append((f"{here}.teacher.arch", problem))
+    return teacher
+
+
+def _targets(stage: StageSpec, here: str, earlier, problems: Problems) -> TargetsRef | None:
+    """Recorded targets: those of an earlier recording stage (recorded by the time this
+    stage runs), or a directory holding a complete recording."""
+    spec = stage.teacher
+    where = f"{here}.teacher.targets"
+    if spec.weights is not None and not spec.weights.is_file():
+        problems.append((f"{here}.teacher.weights", f"weights file {spec.weights} does not exist"))
+    if spec.targets.startswith(STAGE_REF):
+        source = earlier(spec.targets, where)
+        if source is None:
+            return None
+        if source.records is None:
+            problems.append((where, f"stage {source.name!r} is not a recording stage (it has no "
+                                    f"'record' section), so it has no teacher targets; use "
+                                    f"teacher: {{arch: 'stage:{source.name}'}} to run its "
+                                    f"student as a live teacher"))
+            return None
+        return TargetsRef(source.records, source.teacher, source.name, spec.allow_wrap, spec.weights)
+    from data_shards import DataError
+    from data_shards.targets import TargetsIndex
+    try:
+        index = TargetsIndex.load(spec.targets)
+    except DataError as err:
+        problems.append((where, str(err)))
+        return None
+    recorded = index.raw.teacher
+    teacher = ModelRecipe(recorded.arch, dict(recorded.kwargs), None)
+    if problem := arch_problem(teacher.arch):
+        problems.append((where, f"the targets were recorded from {recorded.arch}, which cannot "
+                                f"be built here ({problem})"))
+        return None
+    return TargetsRef(index.directory, teacher, None, spec.allow_wrap, spec.weights)
 
 
 def exported_student(source: StageRefs) -> ModelRecipe:

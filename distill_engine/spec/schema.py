@@ -5,6 +5,10 @@ A job is a list of stages. The sections ``data``, ``optimisation``, ``deepspeed`
 inherits; a stage overrides any part of them (deep merge), so a fine-tuning stage states
 only what differs. A stage may take an earlier stage's exported student as its teacher
 (``teacher: {arch: "stage:NAME"}``) or as its initialisation (``student: {init: "stage:NAME"}``).
+
+A recording stage (``record: {epochs: E, ...}``, no student) runs its teacher over E epochs of
+its data and writes the teacher's taps with the views that produced them; a later stage reads
+them in place of a live teacher (``teacher: {targets: "stage:NAME"}``, or a directory).
 """
 
 from __future__ import annotations
@@ -41,15 +45,33 @@ def _check_arch(arch: str) -> str:
 
 
 class TeacherSpec(Strict):
-    arch: str = Field(description=ARCH_HELP)
+    arch: str | None = Field(None, description=ARCH_HELP + "; required unless 'targets' is given")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="timm/transformers kwargs")
     weights: Path | None = Field(None, description="local .safetensors or torch state dict")
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    targets: str | None = Field(
+        None, description="read the teacher's recorded taps instead of running it: "
+                          "'stage:NAME' (a recording stage) or a directory of teacher targets")
+    allow_wrap: bool = Field(False, description="with targets: a stage needing more epochs than "
+                                                "were recorded reads recorded epoch e mod E")
 
-    _arch = field_validator("arch")(_check_arch)
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, arch: str | None) -> str | None:
+        return None if arch is None else _check_arch(arch)
 
     @model_validator(mode="after")
     def _valid(self):
+        if self.targets is not None:
+            if self.arch is not None or self.kwargs or "dtype" in self.model_fields_set:
+                raise ValueError("a teacher read from recorded targets is not built: give "
+                                 "'targets' (and optionally 'weights', checked against the "
+                                 "recording, and 'allow_wrap'), not 'arch', 'kwargs' or 'dtype'")
+            return self
+        if self.allow_wrap:
+            raise ValueError("allow_wrap applies to recorded targets only: add 'targets'")
+        if self.arch is None:
+            raise ValueError("a teacher needs 'arch' (or 'targets': recorded teacher targets)")
         if self.arch.startswith(STAGE_REF) and (self.weights or self.kwargs):
             raise ValueError("a teacher taken from an earlier stage gets its kwargs and "
                              "weights from that stage's export; remove 'weights' and 'kwargs'")
@@ -220,6 +242,58 @@ class StageSpec(Strict):
         return self
 
 
+class RecordSpec(Strict):
+    """What a recording stage writes: its teacher's taps for E epochs of its stream."""
+
+    epochs: int = Field(ge=1, description="epochs of the stage's stream to record; a student "
+                                          "stage reads recorded epoch e mod E")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16", description="stored precision of the taps (top-k logits are kept in fp32)")
+    int8_features: bool = Field(False, description="store the feature objective's tokens as int8 "
+                                                    "with a per-token scale (half of fp16)")
+    top_k: int | None = Field(None, ge=1, description="soft_label: keep the k largest logits "
+                                                      "(the rest share the remaining mass); "
+                                                      "null keeps every logit")
+    dir: Path | None = Field(None, description="where the records go; default "
+                                               "RUN_DIR/STAGE/targets")
+    records_per_shard: int = Field(10_000, ge=1)
+
+
+class RecordStageSpec(Strict):
+    """A stage without a student: the teacher over ``record.epochs`` epochs of the stage's
+    data, its taps written as teacher targets. ``objectives`` are those the students will
+    train with: they decide which taps are recorded and how."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    teacher: TeacherSpec
+    record: RecordSpec
+    objectives: list[ObjectiveSpec] = Field(min_length=1)  # type: ignore[valid-type]
+    data: DataSpec
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    checkpointing: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _a_live_teacher(self):
+        if self.teacher.targets is not None:
+            raise ValueError("a recording stage records a live teacher: give its 'arch' and "
+                             "'weights', not 'targets'")
+        if not any(o.needs_teacher for o in self.objectives):
+            raise ValueError("none of the objectives reads the teacher, so there is nothing to "
+                             "record; list the objectives the students will train with")
+        return self
+
+
+def is_recording(raw: Any) -> bool:
+    """Whether a stage as written is a recording stage (it has a ``record`` section)."""
+    return isinstance(raw, dict) and "record" in raw
+
+
+# Sections a recording stage does not have (no student to optimise or evaluate): the
+# top-level defaults of these are not merged into it.
+NOT_RECORDING = ("optimisation", "eval")
+
+
 class JobHeader(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     run_dir: Path = Field(description="everything the job writes goes under here")
@@ -228,7 +302,7 @@ class JobHeader(Strict):
 
 
 class JobSpec(JobHeader):
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[StageSpec | RecordStageSpec] = Field(min_length=1)
 
 
 # Sections given once at the top level and inherited (deep-merged) by every stage.
@@ -252,7 +326,8 @@ def with_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(stages, list):
         raw["stages"] = [
             {**{k: deep_merge(v, stage[k]) if k in stage else copy.deepcopy(v)
-                for k, v in defaults.items()},
+                for k, v in defaults.items()
+                if not (is_recording(stage) and k in NOT_RECORDING)},
              **{k: v for k, v in stage.items() if k not in defaults}}
             if isinstance(stage, dict) else stage
             for stage in stages]

@@ -35,14 +35,15 @@ _MISSING = object()  # a field one of the two specs does not have
 ALLOWED = ("optimisation.steps", "optimisation.epochs", "logging.", "checkpointing.every_steps",
            "checkpointing.keep", "checkpointing.resume", "eval", "data.eval",
            "deepspeed.timeout_s", "optimisation.on_nonfinite",
-           "optimisation.max_consecutive_skips", "data.max_bad_samples")
+           "optimisation.max_consecutive_skips", "data.max_bad_samples", "teacher.allow_wrap")
 
 
 def of_stage(plan: StagePlan) -> dict[str, Any]:
     """The stage's resolved spec as plain JSON values."""
     spec = plan.spec.model_dump(mode="json")
-    spec["student"].update(arch=plan.student.arch, kwargs=_plain(plan.student.kwargs),
-                           init=str(plan.student_init) if plan.student_init else "scratch")
+    if plan.refs.student is not None:  # a recording stage has none
+        spec["student"].update(arch=plan.student.arch, kwargs=_plain(plan.student.kwargs),
+                               init=str(plan.student_init) if plan.student_init else "scratch")
     if plan.teacher is not None:
         spec["teacher"].update(arch=plan.teacher.arch, kwargs=_plain(plan.teacher.kwargs),
                                weights=str(plan.teacher.weights) if plan.teacher.weights else None)

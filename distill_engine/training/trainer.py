@@ -24,9 +24,12 @@ import yaml
 
 from data_shards import DataError, ShardStream
 from data_shards.keys import derive_seed
+from data_shards.stream import TargetsReplay
+from data_shards.targets import TargetsIndex
 from distill_engine.accelerator import device
 from distill_engine.modeling.inputs import model_inputs, to_model
-from distill_engine.planning.job import JobPlan, StagePlan, StepCount
+from distill_engine.objectives import RECORDED_TAPS
+from distill_engine.planning.job import JobPlan, RecordPlan, StagePlan, StepCount
 from distill_engine.planning.references import count_steps
 from distill_engine.tensors import first_tensor
 
@@ -37,6 +40,7 @@ from .export import class_names, make_readable, preprocessing, save_export
 from .models import StudentModel
 from .plots import plot_losses, plot_summary
 from .progress import StageProgress, read_metrics
+from .recording import RecordingStage
 
 log = logging.getLogger("distill_engine")
 
@@ -80,6 +84,15 @@ class StageTrainer:
 
     def open_stream(self) -> ShardStream:
         data = self.spec.data
+        replay = None
+        if self.plan.refs.targets is not None:
+            # Recorded targets: the recorded order and views, and only the student's view
+            # (the teacher's view was what the recording needed).
+            views = data.views.views
+            replay = TargetsReplay(TargetsIndex.load(self.plan.refs.targets.directory),
+                                   self.plan.teacher_taps,
+                                   views=["student"] if "student" in views else
+                                   ["image"] if "image" in views else None)
         return ShardStream(
             data.train, batch_size=data.micro_batch_size, rank=self.rank,
             world_size=self.world_size, num_workers=data.num_workers,
@@ -88,7 +101,8 @@ class StageTrainer:
             allow_pipe=data.allow_pipe, max_image_pixels=data.max_image_pixels,
             # A label the loss cannot take is a bad sample (naming shard and key), not a crash.
             num_classes=self.plan.models.num_classes
-            if any(o.needs_labels for o in self.spec.objectives) else None)
+            if any(o.needs_labels for o in self.spec.objectives) else None,
+            targets=replay)
 
     def step_count(self) -> StepCount:
         """The plan's step count. Planning counted the batches of an epoch from the shards'
@@ -171,7 +185,12 @@ class StageTrainer:
             batch = next(self.batches)
             data_wait += time.perf_counter() - started
             self.bad_samples_here = batch.get("bad_samples", 0)  # skipped by this rank's stream
-            losses = self.forward_backward(to_model(batch, self.device, torch.float32), micro)
+            recorded = batch.pop(RECORDED_TAPS, None)
+            batch = to_model(batch, self.device, torch.float32)
+            if recorded is not None:  # in their recorded dtype: the objectives cast them
+                batch[RECORDED_TAPS] = {tap: value.to(self.device, non_blocking=True)
+                                        for tap, value in recorded.items()}
+            losses = self.forward_backward(batch, micro)
             if losses is None:
                 return None
         self.skipped_in_a_row = 0
@@ -190,7 +209,7 @@ class StageTrainer:
             self.job.spec.seed, self.plan.index, self.step + 1, micro, self.rank))
         batch = self.student.module.prepare(batch, generator)
         self.timing.mark()
-        teacher_taps = {}
+        teacher_taps = batch.get(RECORDED_TAPS, {})  # recorded targets, as the teacher gave them
         if self.teacher is not None:
             teacher_taps = self.teacher(to_model(model_inputs(batch, "teacher"), self.device,
                                                  self.teacher_dtype))
@@ -248,6 +267,7 @@ class StageTrainer:
         if done.is_file():
             log.info("%s: already complete (%s); skipping", self.spec.name, done)
             return json.loads(done.read_text())
+        self.started = time.perf_counter()
         self.setup()
         stop_at = self.total_steps if stop_after is None else min(self.total_steps,
                                                                    self.step + stop_after)
@@ -354,12 +374,17 @@ class StageTrainer:
             save_file(probe, str(plan.export_dir / "probe.safetensors"))
         summary = {
             "stage": self.spec.name,
-            "teacher": self.spec.teacher.arch if self.spec.teacher else None,
+            "teacher": (plan.refs.traced_teacher.arch if plan.refs.traced_teacher else None),
+            "teacher_targets": str(plan.refs.targets.directory) if plan.refs.targets else None,
             "teacher_weights": str(plan.teacher.weights) if plan.teacher else None,
             "student": plan.student.arch, "steps": self.total_steps,
             "first_loss": first_loss, "last_loss": None,
             "accuracy": evaluated.get("accuracy"), "knn_accuracy": evaluated.get("knn_accuracy"),
             "export": str(plan.export_dir / "model.safetensors"),
+            # Wall-clock of this run of the stage (set-up, training, evaluation, export); a
+            # resumed stage counts its last run only.
+            "seconds": round(time.perf_counter() - self.started, 2)
+            if hasattr(self, "started") else None,
         }
         if self.rank == 0:
             records = read_metrics(plan.dir / "metrics.jsonl")
@@ -393,11 +418,16 @@ def train_job(job: JobPlan, stop_after: int | None = None) -> list[dict[str, Any
     resumes it. Returns the summary rows, or None when ``stop_after`` cut the run short."""
     rows = []
     for plan in job.stages:
-        trainer = StageTrainer(job, plan)
+        if isinstance(plan, RecordPlan):
+            stage = RecordingStage(job, plan)
+            run = stage.record
+        else:
+            stage = StageTrainer(job, plan)
+            run = stage.train
         try:
-            row = trainer.train(stop_after)
+            row = run(stop_after)
         finally:
-            trainer.close()
+            stage.close()
         if row is None:
             return None
         rows.append(row)
