@@ -149,6 +149,8 @@ WORLDS=1
 BF16=()
 for stage in 0 1 2 3; do BF16+=(--set "stages.$stage.student.dtype=bf16"); done
 BF16+=(--set stages.1.teacher.dtype=bf16 --set "data.train=$DATA/train" --set "data.eval=$DATA/holdout")
+# Its own run folder: a CPU quickstart already in runs/quickstart is another run's spec.
+BF16+=(--set run_dir=runs/gpu_check/quickstart)
 
 started=$(date +%s)
 # step NAME SECONDS DRY-RUN-COMMAND -- COMMAND...: COMMAND within SECONDS and within what
@@ -181,7 +183,7 @@ step() {
 TAIL_LINES=10 step quickstart 240 \
   "$PY launch/run.py --spec jobs/quickstart.yaml --check --world-size $GPUS ${BF16[*]}" -- \
   "$PY" -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port $((29500 + RANDOM % 2000)) \
-  launch/run.py --spec jobs/quickstart.yaml --set run_dir=runs/gpu_check/quickstart "${BF16[@]}"
+  launch/run.py --spec jobs/quickstart.yaml "${BF16[@]}"
 if [ "$DRY_RUN" = 0 ]; then  # a plain log line of each stage: time shares and MFU
   note "Logged lines (time shares, MFU):" "" '```' "$(grep -E 'step [0-9]+/[0-9]+ .*MFU' "$LOGS/quickstart.log" | tail -8)" '```' ""
 fi
