@@ -173,6 +173,12 @@ def check_targets(plan: StagePlan, recordings: dict[str, RecordPlan], job_seed: 
     recorded = {store.tap: store for store in recorded_stores}
     traced = per_sample_shapes(stage, plan.models)
     for j, objective in enumerate(stage.objectives):
+        if getattr(objective, "teacher_tokens", 1.0) < 1.0:
+            problems.append((f"{here}.objectives[{j}].teacher_tokens",
+                             f"teacher_tokens {objective.teacher_tokens} (MaskedKD) makes a "
+                             f"cheaper teacher forward, but a stage reading recorded targets runs "
+                             f"no teacher: its targets are those recorded from every token; use "
+                             f"teacher_tokens 1"))
         for need in objective.teacher_needs():
             store = recorded.get(need.tap)
             if store is None:

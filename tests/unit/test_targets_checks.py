@@ -156,6 +156,15 @@ def test_a_form_the_objective_cannot_use_is_refused(recorded, tmp_path):
     assert code == 2 and "needs its mean token" in err and "first token" in err
 
 
+def test_maskedkd_teacher_tokens_are_refused_for_recorded_targets(recorded, tmp_path):
+    spec, _ = recorded
+    masked = changed(spec, 1, objectives=[{"kind": "soft_label", "teacher_tokens": 0.5}])
+    code, _, err = check(tmp_path, masked)
+    assert code == 2, err
+    assert "stages[1].objectives[0].teacher_tokens" in err and "runs no teacher" in err, err
+    assert "Traceback" not in err
+
+
 def test_int8_records_serve_feature_distillation_only(tmp_path, digits_shards, teacher_file):
     spec = job(tmp_path / "run", digits_shards / "train", teacher_file, record={"int8_features": True})
     spec["stages"][0]["objectives"] = [dict(FD_NORM)]
