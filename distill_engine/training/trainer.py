@@ -288,6 +288,7 @@ class StageTrainer:
                 if preemption.stop_requested_everywhere():
                     self.save_and_stop()
                 started = time.perf_counter()
+                lr = self.student.get_lr()[0]  # the step's own: the engine steps the schedule after it
                 stepped = self.train_step()
                 if stepped is None:
                     continue  # skipped: the step number is that of applied updates
@@ -295,7 +296,7 @@ class StageTrainer:
                 self.step += 1
                 record = {"step": self.step, "loss": loss.item(),
                           **{f"loss/{k}": v.item() for k, v in terms.items()},
-                          "lr": self.student.get_lr()[0],
+                          "lr": lr,
                           "skipped_steps": self.skipped_steps,
                           "bad_samples": self.bad_samples_all_ranks(),
                           "step_s": round(time.perf_counter() - started, 5),
