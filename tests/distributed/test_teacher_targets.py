@@ -93,9 +93,20 @@ def test_fd_from_records_follows_the_live_run_without_a_teacher_engine(straight)
 
 def test_every_objective_trains_from_its_records_as_from_the_live_teacher(straight):
     recorded, live = losses(straight / "every"), losses(straight / "every_live")
+    assert len(recorded) == len(live) > 1
     for a, b in zip(recorded, live):
-        for term in ("feature", "relation", "hidden"):
-            assert a[f"loss/{term}"] == pytest.approx(b[f"loss/{term}"], rel=1e-3), (term, a, b)
+        # Step 1 (the same weights both ways): fp16 records, within fp16's relative
+        # precision. After it the weights differ a little, since the top-k soft labels below
+        # give another gradient than all the logits: the total within 1 %, and each term
+        # within 10 % (the relation term is a KL near 1e-3, where small weight changes are
+        # large relative ones).
+        if a["step"] == 1:
+            for term in ("feature", "relation", "hidden"):
+                assert a[f"loss/{term}"] == pytest.approx(b[f"loss/{term}"], rel=1e-3), (term, a, b)
+        else:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-2), (a, b)
+            for term in ("feature", "relation", "hidden"):
+                assert a[f"loss/{term}"] == pytest.approx(b[f"loss/{term}"], rel=0.1), (term, a, b)
         # top-5 of 10 logits, the rest filled with their mean share of the teacher's mass
         assert a["loss/soft_label"] == pytest.approx(b["loss/soft_label"], rel=0.05)
 
