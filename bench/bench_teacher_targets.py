@@ -24,6 +24,7 @@ against a batch of records (read + parse + stack).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -97,6 +98,7 @@ def main() -> None:
     make_images(work / "images", args.images)
     pack(str(work / "images"), work / "shards", workers=1, progress=False)
     job_file = write_job(work, args.size, args.batch)
+    load_before = os.getloadavg()[0]
     job = load_plan(job_file)
     record_plan, targets_plan, live_plan = job.stages
     started = time.perf_counter()
@@ -156,7 +158,7 @@ def main() -> None:
             f"torch threads {torch.get_num_threads()}; {args.rounds} alternating rounds after 2 warm-up "
             f"steps each. Records: fp16 `norm` tokens [50, 768] of {args.images} JPEG images (320x256), "
             f"{per_record / 1e3:.1f} kB per record, recorded once in {record_seconds:.0f} s "
-            f"(1 epoch). The machine was shared with other engineers' runs.\n\n"
+            f"(1 epoch). Load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n\n"
             f"| | median samples/s | step times (s) |\n|---|---|---|\n{rows}\n\n"
             f"- **targets / live samples/s: {ratio('recorded targets', 'live teacher'):.3f}**\n"
             f"- **targets / student-only samples/s: {ratio('recorded targets', 'student alone'):.3f}** "
