@@ -1,4 +1,5 @@
-"""scripts/tinymim_digits_results.py: the table a reader of docs/tinymim_digits.md relies on,
+"""jobs/tinymim_digits.yaml passes --check on 2 ranks with the chain wired as the docs say,
+and scripts/tinymim_digits_results.py: the table a reader of docs/tinymim_digits.md relies on,
 mean and standard deviation over seeds, the paired differences per seed, and a claim called
 confirmed only when its arm is ahead in every seed."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
-from helpers import ROOT
+from helpers import ROOT, check_in_process
 
 
 def load_script():
@@ -47,3 +48,19 @@ def test_no_verdict_before_the_stages_finish(tmp_path):
     write_run(tmp_path / "seed0", {"rel_finetune": 0.80})
     text = results.report([tmp_path / "seed0"])
     assert text.count("no verdict (the stages have not finished)") == 2
+
+
+def test_the_job_checks_and_chains_through_the_intermediate_student(tmp_path, digits_shards):
+    code, out, err = check_in_process(
+        ROOT / "jobs" / "tinymim_digits.yaml", "--set", f"data.train={digits_shards / 'train'}",
+        "--set", f"data.eval={digits_shards / 'holdout'}", "--set", f"run_dir={tmp_path}")
+    assert code == 0, err
+    text = " ".join(out.replace("│", " ").split())
+    # chain_small is taught by rel_distil's intermediate student (72 wide), direct_small by
+    # the teacher (96 wide); both into the same 48-wide student. (Paths are cut in the table.)
+    chain = text.split("stage 6: chain_small")[1].split("stage 7")[0]
+    direct = text.split("stage 7: direct_small")[1].split("stage 8")[0]
+    chain_teacher, chain_student = chain.split("teacher taps")[0], chain.split("student ")[1]
+    direct_teacher, direct_student = direct.split("teacher taps")[0], direct.split("student ")[1]
+    assert "'embed_dim': 72" in chain_teacher and "'embed_dim': 96" in direct_teacher
+    assert "'embed_dim': 48" in chain_student and "'embed_dim': 48" in direct_student
