@@ -11,8 +11,9 @@ setup_venv() {
 }
 
 # launch/run.py with ARGS on NUM_RANKS (default 2) local ranks; returns the job's status.
+# MASTER_PORT fixes the rendezvous port (default: a random one in 29500-31499).
 launch_job() {
-  local port=$((29500 + RANDOM % 2000)) status=0
+  local port=${MASTER_PORT:-$((29500 + RANDOM % 2000))} status=0
   deepspeed --num_gpus "${NUM_RANKS:-2}" --master_port "$port" launch/run.py "$@" || status=$?
   # DeepSpeed's CPU all-reduce leaves a buffer per rank in /dev/shm; remove ours.
   rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${port}"_* 2>/dev/null || true

@@ -1,0 +1,88 @@
+"""The held-out accuracies of jobs/tinymim_digits.yaml, one run directory per seed, as a
+Markdown table (every seed, mean and standard deviation), the paired differences of each
+claim's arms per seed, and whether TinyMIM's two claims hold here.
+
+    python scripts/tinymim_digits_results.py runs/tinymim_digits/seed0 runs/tinymim_digits/seed1 ...
+
+A claim is confirmed when its arm is ahead on the mean and in every seed; ahead on the mean
+but not in every seed is reported as not confirmed, with the count.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROWS = [  # stage, what it is (all fine-tunings: 150 steps with labels)
+    ("teacher", "teacher: ViT 96 x 4, trained with labels (300 steps)"),
+    ("rel_finetune", "(a) relation targets -> ViT 72 x 4, fine-tuned"),
+    ("feat_finetune", "(a) feature targets -> ViT 72 x 4, fine-tuned"),
+    ("chain_small_finetune", "(b) chain: teacher -> ViT 72 x 4 -> ViT 48 x 3, fine-tuned"),
+    ("direct_small_finetune", "(b) direct: teacher -> ViT 48 x 3, fine-tuned"),
+    ("scratch_small", "context: ViT 48 x 3 from random init, fine-tuning budget only"),
+]
+CLAIMS = [  # name, the arm the paper says wins, the arm it beats
+    ("(a) relation targets beat feature targets", "rel_finetune", "feat_finetune"),
+    ("(b) the sequential chain beats direct distillation", "chain_small_finetune",
+     "direct_small_finetune"),
+]
+
+
+def accuracies(run: Path) -> dict[str, float | None]:
+    """Each stage's held-out accuracy from its export's metrics.json; None if not finished."""
+    out = {}
+    for stage, _ in ROWS:
+        metrics = run / stage / "export" / "metrics.json"
+        out[stage] = json.loads(metrics.read_text()).get("accuracy") if metrics.is_file() else None
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None where too few values)."""
+    mean = statistics.mean(values) if values else None
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return mean, std
+
+
+def verdict(differences: list[float]) -> str:
+    """'confirmed' only when the claimed arm is ahead on the mean and in every seed."""
+    if not differences:
+        return "no verdict (the stages have not finished)"
+    ahead = sum(d > 0 for d in differences)
+    mean = statistics.mean(differences)
+    word = "**confirmed**" if mean > 0 and ahead == len(differences) else "**not confirmed**"
+    return f"{word}: ahead in {ahead} of {len(differences)} seeds, mean difference {mean:+.2f} points"
+
+
+def fmt(value: float | None, suffix: str = " %") -> str:
+    return "-" if value is None else f"{value:.2f}{suffix}"
+
+
+def report(runs: list[Path]) -> str:
+    accs = [accuracies(run) for run in runs]
+    head = " | ".join(run.name for run in runs)
+    lines = [f"| stage | model | {head} | mean | std |", "|---|---|" + "---:|" * (len(runs) + 2)]
+    for stage, what in ROWS:
+        values = [None if a[stage] is None else 100 * a[stage] for a in accs]
+        mean, std = mean_std([v for v in values if v is not None])
+        lines.append(f"| `{stage}` | {what} | " + " | ".join(fmt(v) for v in values)
+                     + f" | {fmt(mean)} | {fmt(std, '')} |")
+    text = "\n".join(lines) + "\n\nPaired differences (points, the claimed winner minus the other, per seed):\n\n"
+    for name, winner, other in CLAIMS:
+        pairs = [(run.name, 100 * (a[winner] - a[other])) for run, a in zip(runs, accs)
+                 if a[winner] is not None and a[other] is not None]
+        differences = [d for _, d in pairs]
+        _, std = mean_std(differences)
+        per_seed = ", ".join(f"{seed} {d:+.2f}" for seed, d in pairs) or "-"
+        text += (f"- {name} (`{winner}` - `{other}`): {per_seed}"
+                 + (f" (std {std:.2f})" if std is not None else "") + f"; {verdict(differences)}\n")
+    return text
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python scripts/tinymim_digits_results.py RUN_DIR [RUN_DIR ...] "
+                 "(one run directory per seed, e.g. runs/tinymim_digits/seed0)")
+    print(report([Path(a) for a in sys.argv[1:]]))

@@ -1,0 +1,66 @@
+"""jobs/tinymim_digits.yaml passes --check on 2 ranks with the chain wired as the docs say,
+and scripts/tinymim_digits_results.py: the table a reader of docs/tinymim_digits.md relies on,
+mean and standard deviation over seeds, the paired differences per seed, and a claim called
+confirmed only when its arm is ahead in every seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from helpers import ROOT, check_in_process
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "tinymim_digits_results", ROOT / "scripts" / "tinymim_digits_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(run, accuracies):
+    for stage, accuracy in accuracies.items():
+        (run / stage / "export").mkdir(parents=True)
+        (run / stage / "export" / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+
+
+def test_mean_std_paired_differences_and_verdicts(tmp_path):
+    results = load_script()
+    # (a): relation ahead in both seeds; (b): chain ahead on the mean but behind in seed1.
+    write_run(tmp_path / "seed0", {"rel_finetune": 0.80, "feat_finetune": 0.70,
+                                   "chain_small_finetune": 0.60, "direct_small_finetune": 0.50})
+    write_run(tmp_path / "seed1", {"rel_finetune": 0.75, "feat_finetune": 0.72,
+                                   "chain_small_finetune": 0.54, "direct_small_finetune": 0.56})
+    text = results.report([tmp_path / "seed0", tmp_path / "seed1"])
+
+    rel_row = next(line for line in text.splitlines() if line.startswith("| `rel_finetune`"))
+    assert "| 80.00 % | 75.00 % | 77.50 % | 3.54 |" in rel_row   # stdev of 80, 75 = 3.536
+    assert "| `teacher` |" in text and "| - | - | - | - |" in text  # not run: shown, not invented
+    claim_a, claim_b = [line for line in text.splitlines() if line.startswith("- (")]
+    assert "seed0 +10.00, seed1 +3.00" in claim_a and "**confirmed**: ahead in 2 of 2" in claim_a
+    assert "seed0 +10.00, seed1 -2.00" in claim_b
+    assert "**not confirmed**: ahead in 1 of 2 seeds, mean difference +4.00" in claim_b
+
+
+def test_no_verdict_before_the_stages_finish(tmp_path):
+    results = load_script()
+    write_run(tmp_path / "seed0", {"rel_finetune": 0.80})
+    text = results.report([tmp_path / "seed0"])
+    assert text.count("no verdict (the stages have not finished)") == 2
+
+
+def test_the_job_checks_and_chains_through_the_intermediate_student(tmp_path, digits_shards):
+    code, out, err = check_in_process(
+        ROOT / "jobs" / "tinymim_digits.yaml", "--set", f"data.train={digits_shards / 'train'}",
+        "--set", f"data.eval={digits_shards / 'holdout'}", "--set", f"run_dir={tmp_path}")
+    assert code == 0, err
+    text = " ".join(out.replace("│", " ").split())
+    # chain_small is taught by rel_distil's intermediate student (72 wide), direct_small by
+    # the teacher (96 wide); both into the same 48-wide student. (Paths are cut in the table.)
+    chain = text.split("stage 6: chain_small")[1].split("stage 7")[0]
+    direct = text.split("stage 7: direct_small")[1].split("stage 8")[0]
+    chain_teacher, chain_student = chain.split("teacher taps")[0], chain.split("student ")[1]
+    direct_teacher, direct_student = direct.split("teacher taps")[0], direct.split("student ")[1]
+    assert "'embed_dim': 72" in chain_teacher and "'embed_dim': 96" in direct_teacher
+    assert "'embed_dim': 48" in chain_student and "'embed_dim': 48" in direct_student
