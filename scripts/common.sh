@@ -10,6 +10,12 @@ setup_venv() {
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's code, also in launched ranks
 }
 
+# The quickstart's digits shards (data/digits: train and a 20 % held-out split), packed once.
+pack_digits() {
+  [ -f data/digits/train/index.json ] || python -m data_shards pack sklearn:digits \
+    --out data/digits --prefix digits --holdout 0.2 --seed 0 --max-samples-per-shard 300
+}
+
 # launch/run.py with ARGS on NUM_RANKS (default 2) local ranks; returns the job's status.
 # MASTER_PORT fixes the rendezvous port (default: a random one in 29500-31499).
 launch_job() {

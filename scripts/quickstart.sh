@@ -5,8 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 setup_venv
-if [ ! -f data/digits/train/index.json ]; then
-  python -m data_shards pack sklearn:digits --out data/digits --prefix digits \
-    --holdout 0.2 --seed 0 --max-samples-per-shard 300
-fi
+pack_digits
 launch_job --spec jobs/quickstart.yaml "$@"

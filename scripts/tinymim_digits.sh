@@ -10,10 +10,7 @@ cd "$(dirname "$0")/.."
 setup_venv
 SPEC=jobs/tinymim_digits.yaml
 RUNS=${RUNS:-runs/tinymim_digits}
-if [ ! -f data/digits/train/index.json ]; then
-  python -m data_shards pack sklearn:digits --out data/digits --prefix digits \
-    --holdout 0.2 --seed 0 --max-samples-per-shard 300
-fi
+pack_digits
 python launch/run.py --spec "$SPEC" --check --world-size "${NUM_RANKS:-2}" "$@" >/dev/null
 runs=()
 for seed in ${SEEDS:-0 1 2}; do

@@ -214,19 +214,12 @@ def input_shape(stage: StageSpec) -> InputShape:
                       **({"seq_len": text.max_length} if text is not None else {}))
 
 
-@dataclass
-class StagePlan:
-    """One stage, resolved: concrete model recipes and every fact the runtime needs."""
+class ResolvedStage:
+    """What every resolved stage reads from its spec and references (a mixin of StagePlan
+    and RecordPlan, whose fields ``spec`` and ``refs`` these read)."""
 
-    index: int
-    spec: StageSpec
+    spec: StageSpec | RecordStageSpec
     refs: StageRefs
-    world_size: int
-    input_shape: InputShape
-    models: ModelSummary
-    steps: StepCount
-    facts: StageFacts | None = None            # the traced models' sizes (load_plan, once)
-    placement: StagePlacement | None = None    # where each model lives, with its memory plan
 
     @property
     def name(self) -> str:
@@ -239,6 +232,25 @@ class StagePlan:
     @property
     def export_dir(self) -> Path:
         return self.refs.export_dir
+
+    @property
+    def teacher_taps(self) -> list[str]:
+        return self.refs.teacher_taps
+
+
+@dataclass
+class StagePlan(ResolvedStage):
+    """One stage, resolved: concrete model recipes and every fact the runtime needs."""
+
+    index: int
+    spec: StageSpec
+    refs: StageRefs
+    world_size: int
+    input_shape: InputShape
+    models: ModelSummary
+    steps: StepCount
+    facts: StageFacts | None = None            # the traced models' sizes (load_plan, once)
+    placement: StagePlacement | None = None    # where each model lives, with its memory plan
 
     @property
     def teacher(self) -> ModelRecipe | None:
@@ -257,10 +269,6 @@ class StagePlan:
         return self.refs.student_taps
 
     @property
-    def teacher_taps(self) -> list[str]:
-        return self.refs.teacher_taps
-
-    @property
     def global_batch(self) -> int:
         return global_batch(self.spec, self.world_size)
 
@@ -271,7 +279,7 @@ class StagePlan:
 
 
 @dataclass
-class RecordPlan:
+class RecordPlan(ResolvedStage):
     """A recording stage, resolved: its teacher (traced, placed), which taps are stored and
     how (``stores``), where the records go, and how many batches an epoch has."""
 
@@ -287,28 +295,12 @@ class RecordPlan:
     placement: StagePlacement | None = None
 
     @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def dir(self) -> Path:
-        return self.refs.dir
-
-    @property
-    def export_dir(self) -> Path:
-        return self.refs.export_dir
-
-    @property
     def targets_dir(self) -> Path:
         return self.refs.records
 
     @property
     def teacher(self) -> ModelRecipe:
         return self.refs.teacher
-
-    @property
-    def teacher_taps(self) -> list[str]:
-        return self.refs.teacher_taps
 
     @property
     def records(self) -> int | None:
