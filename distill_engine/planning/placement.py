@@ -56,20 +56,33 @@ def device_memory(stated: str | None, local_ranks: int) -> tuple[int, str]:
     return ram // local_ranks, f"this machine's {gib(ram)} RAM / {local_ranks} local rank(s)"
 
 
-def place(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
-          accelerator_bf16: bool | None = None, facts: StageFacts | None = None) -> StagePlacement:
-    """The placements of the stage's teacher and student, and the memory plan they give."""
-    if accelerator_bf16 is None:
-        from distill_engine.accelerator import accelerator_has_bf16
-        accelerator_bf16 = accelerator_has_bf16()
-    facts = facts or plan.facts
+def usable_memory(plan, world_size: int, gpu_memory: int | None) -> tuple[float, str]:
+    """The bytes a rank may plan with (USABLE_FRACTION of its device's), and where the
+    device's size came from: --gpu-memory, deepspeed.device_memory, the GPU or the RAM
+    shared by the ranks on this machine."""
     # Ranks sharing this machine (DeepSpeed's launcher says LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE).
     local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if gpu_memory:
         total, how = gpu_memory, f"--gpu-memory {gib(gpu_memory)}"
     else:
         total, how = device_memory(plan.spec.deepspeed.device_memory, max(local, 1))
-    budget = total * USABLE_FRACTION
+    return total * USABLE_FRACTION, how
+
+
+def _bf16(accelerator_bf16: bool | None) -> bool:
+    """The caller's answer to "does the accelerator have bf16?", else the accelerator's."""
+    if accelerator_bf16 is None:
+        from distill_engine.accelerator import accelerator_has_bf16
+        return accelerator_has_bf16()
+    return accelerator_bf16
+
+
+def place(plan: StagePlan, world_size: int, gpu_memory: int | None = None,
+          accelerator_bf16: bool | None = None, facts: StageFacts | None = None) -> StagePlacement:
+    """The placements of the stage's teacher and student, and the memory plan they give."""
+    accelerator_bf16 = _bf16(accelerator_bf16)
+    facts = facts or plan.facts
+    budget, how = usable_memory(plan, world_size, gpu_memory)
     ds = plan.spec.deepspeed
     working = teacher_working_set(facts.teacher.largest_layer) if facts.teacher else {}
 
@@ -139,15 +152,8 @@ def place_recording(plan, world_size: int, gpu_memory: int | None = None,
     """A recording stage's teacher: replicated when it fits whole beside a batch of records,
     else ZeRO-3 sharded (or what deepspeed.teacher_config names)."""
     from .memory import dtype_bytes, estimate_recording
-    if accelerator_bf16 is None:
-        from distill_engine.accelerator import accelerator_has_bf16
-        accelerator_bf16 = accelerator_has_bf16()
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    if gpu_memory:
-        total, how = gpu_memory, f"--gpu-memory {gib(gpu_memory)}"
-    else:
-        total, how = device_memory(plan.spec.deepspeed.device_memory, max(local, 1))
-    budget = total * USABLE_FRACTION
+    accelerator_bf16 = _bf16(accelerator_bf16)
+    budget, how = usable_memory(plan, world_size, gpu_memory)
     teacher = plan.facts.teacher
     working = teacher_working_set(teacher.largest_layer)
     bytes_ = dtype_bytes(plan.spec.teacher.dtype, accelerator_bf16)
