@@ -9,6 +9,10 @@ fp32 by default), 1 rank:
   and clipping;
 - **timm**: timm 1.0.31's ``FeatureDistillationTask`` (MSE between pooled pre-logits through
   a projection, plus its cross-entropy term) driven as timm's train script drives it;
+- **timm, FD's loss**: the same task with its distillation term replaced by FD's (every
+  token through the projection, whitened target, SmoothL1 beta 2), so that timm's side does
+  the engine's work: its cross-entropy term costs what the engine's zero-weighted output
+  term costs (a backward through the head);
 - **torchdistill**: torchdistill 1.1.5's ``DistillationBox`` (its ``forward_process`` and
   ``post_forward_process``: backward, clipping, optimizer step). Its nearest equivalent of FD
   is FitNets' hint stage (a regressor on a hooked student layer, a loss against a hooked
@@ -22,8 +26,10 @@ Each peer runs twice: with the AdamW its own optimizer factory gives (timm's
 default foreach kernels), and with the fused AdamW the engine uses (equal kernels). Steps
 alternate side by side, round by round (each round in a rotated order), because the speed
 of a shared machine drifts within seconds; a ratio is the median over rounds of
-(other side's step time / engine's step time) = engine samples/s / other samples/s. On an
-accelerator each step ends with a device synchronisation (a timing, not the engine's loop).
+(other side's step time / engine's step time) = engine samples/s / other samples/s, printed
+with a 95 % bootstrap interval of that median: a side is ahead or behind only where the
+interval excludes 1. On an accelerator each step ends with a device synchronisation (a
+timing, not the engine's loop).
 
     python bench/bench_peers.py [--rounds 10 --batch 16 --size 112 --dtype fp32]
 """
@@ -58,15 +64,41 @@ def _models(plan, device, dtype):
     return teacher, student.to(device=device, dtype=dtype)
 
 
-def timm_step_fn(plan, images, device, dtype, fused: bool):
+def _timm_fd_task():
+    """timm's FeatureDistillationTask with FD's distillation term: the student's whole token
+    map through the task's projection against the teacher's token map (FD's loss), beside
+    the task's own cross-entropy term."""
+    import torch
+    from timm.task.distillation import FeatureDistillationTask
+    from distill_engine.objectives.feature import feature_distillation_loss
+
+    class TokenFeatureDistillationTask(FeatureDistillationTask):
+        def forward(self, input, target):
+            trainable = self.trainable_module
+            tokens = trainable.student.forward_features(input)
+            task_loss = self.criterion(trainable.student.forward_head(tokens), target)
+            with torch.no_grad():
+                teacher_input = self.teacher.normalize_input(input, self.student_mean,
+                                                             self.student_std)
+                teacher_tokens = self.teacher.model.forward_features(teacher_input)
+            kd_loss = feature_distillation_loss(trainable.projection(tokens), teacher_tokens,
+                                                beta=2.0)
+            loss = self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss
+            return {"loss": loss, "task_loss": task_loss, "kd_loss": kd_loss}
+    return TokenFeatureDistillationTask
+
+
+def timm_step_fn(plan, images, device, dtype, fused: bool, fd_loss: bool = False):
     """timm's FeatureDistillationTask, with timm's AdamW (``fused=False``: torch's default
-    kernels, what ``--opt adamw`` gives) or torch's fused AdamW."""
+    kernels, what ``--opt adamw`` gives) or torch's fused AdamW; with ``fd_loss``, its
+    distillation term is FD's (the same work as the engine's step)."""
     import torch
     from timm.optim import create_optimizer_v2
     from timm.task.distillation import DistillationTeacher, FeatureDistillationTask
     teacher, student = _models(plan, device, dtype)
-    task = FeatureDistillationTask(student, DistillationTeacher(teacher), device=device,
-                                   dtype=dtype, verbose=False)
+    task_class = _timm_fd_task() if fd_loss else FeatureDistillationTask
+    task = task_class(student, DistillationTeacher(teacher), device=device, dtype=dtype,
+                      verbose=False)
     task.teacher.requires_grad_(False)
     task.train()
     opt = plan.spec.optimisation
@@ -183,7 +215,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--sides", default=None,
-                        help="comma-separated subset of the sides to run (default: all)")
+                        help="semicolon-separated subset of the sides to run (default: all)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -203,10 +235,12 @@ def main() -> None:
         "bare": lambda: bare_step_fn(plan, images),
         "timm, timm's AdamW": lambda: timm_step_fn(plan, images, device, dtype, fused=False),
         "timm, fused AdamW": lambda: timm_step_fn(plan, images, device, dtype, fused=True),
+        "timm, FD's loss, fused AdamW": lambda: timm_step_fn(plan, images, device, dtype,
+                                                             fused=True, fd_loss=True),
         "torchdistill, its AdamW": lambda: torchdistill_step_fn(plan, images, device, dtype, False),
         "torchdistill, fused AdamW": lambda: torchdistill_step_fn(plan, images, device, dtype, True),
     }
-    chosen = [ENGINE] + [s for s in (args.sides.split(",") if args.sides else builders)
+    chosen = [ENGINE] + [s for s in (args.sides.split(";") if args.sides else builders)
                          if s != ENGINE]
     unknown = [s for s in chosen if s not in builders]
     if unknown:
@@ -225,8 +259,12 @@ def main() -> None:
             started = time.perf_counter()
             sides[name]()
             seconds[name].append(time.perf_counter() - started)
-    ratios = {name: common.median([o / e for e, o in zip(seconds[ENGINE], seconds[name])])
-              for name in sides if name != ENGINE}
+    per_round = {name: [o / e for e, o in zip(seconds[ENGINE], seconds[name])]
+                 for name in sides if name != ENGINE}
+    ratios = {name: common.median(values) for name, values in per_round.items()}
+    intervals = {name: common.median_interval(values) for name, values in per_round.items()}
+    shown = {name: f"{ratios[name]:.3f} (95 % interval {intervals[name][0]:.3f}-"
+                   f"{intervals[name][1]:.3f})" for name in ratios}
     rate = {name: args.batch / common.median(values) for name, values in seconds.items()}
     fmt = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
     rows = "\n".join(f"| {name} | {rate[name]:.2f} | {warm[name]:.1f} | {fmt(seconds[name])} |"
@@ -239,7 +277,7 @@ def main() -> None:
             f"after {args.warmup} warm-up steps each; load average {load} at the end.\n\n"
             f"| side | median samples/s | {args.warmup} warm-up steps (s) | step times (s) |\n"
             f"|---|---|---|---|\n{rows}\n\n"
-            + "\n".join(f"- **engine / {name}: {ratio:.3f}**" for name, ratio in ratios.items())
+            + "\n".join(f"- **engine / {name}: {shown[name]}**" for name in ratios)
             + "\n\nGoals: engine / bare >= 0.98; engine ahead of every peer at equal kernels "
               "(the fused AdamW rows).")
     print(body)
@@ -247,8 +285,8 @@ def main() -> None:
         common.record("Peers at equal kernels", body)
     common.remove_shm_buffers()
     print("ratios (engine samples/s / side samples/s):")
-    for name, ratio in ratios.items():
-        print(f"  engine/{name}: {ratio:.3f}")
+    for name in ratios:
+        print(f"  engine/{name}: {shown[name]}")
 
 
 if __name__ == "__main__":

@@ -272,6 +272,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def median_interval(values: list[float], level: float = 0.95, draws: int = 2000
+                    ) -> tuple[float, float]:
+    """A bootstrap interval of the median (percentile method, fixed seed): how far the
+    median of these repetitions could move on another run of the same length. On a shared
+    machine a ratio is only "ahead" or "behind" when its interval says so."""
+    import random
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
+                     for _ in range(draws))
+    tail = (1 - level) / 2
+    return medians[int(tail * draws)], medians[int((1 - tail) * draws) - 1]
+
+
 def command_line() -> str:
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
