@@ -88,16 +88,21 @@ def print_plan(job: JobPlan, console: Console | None = None) -> None:
         table.add_row("optimisation", f"{opt.optimizer}, lr {plan.lr:.3g} ({opt.schedule}, "
                       f"{warmup} warm-up), {budget}, wd {opt.weight_decay}, "
                       f"clip {opt.grad_clip}")
-        text = describe_text(stage)
-        table.add_row("data", f"train {data.train}; eval {data.eval}; " + (
-            f"text, tokenizers {text}" if text else
-            f"{data.views.geometry.size}px views {list(data.views.views)}"))
+        table.add_row("data", f"train {data.train}; eval {data.eval}; {_inputs(stage)}")
         table.add_row("evaluation", describe_evaluation(stage))
         for chosen in (plan.placement.teacher, plan.placement.student):
             if chosen is not None:
                 config = f" ({chosen.config})" if chosen.config else ""
                 table.add_row(f"{chosen.role} placement", f"{chosen.name}{config}: {chosen.why}")
         console.print(table)
+
+
+def _inputs(stage) -> str:
+    """What the models read: the tokenizers of a text stage, an image stage's views."""
+    text = describe_text(stage)
+    if text:
+        return f"text, tokenizers {text}"
+    return f"{stage.data.views.geometry.size}px views {list(stage.data.views.views)}"
 
 
 def _recording_rows(table: Table, plan: RecordPlan) -> None:
@@ -109,13 +114,14 @@ def _recording_rows(table: Table, plan: RecordPlan) -> None:
                   f"{plan.teacher.weights}")
     table.add_row("records", "; ".join(store.describe() for store in plan.stores))
     size = recording_bytes(plan)
-    count = (f"{record.epochs} epochs x {plan.batches_per_epoch} batches x {data.micro_batch_size} "
+    epochs = f"{record.epochs} epoch{'s' if record.epochs != 1 else ''}"
+    count = (f"{epochs} x {plan.batches_per_epoch} batches x {data.micro_batch_size} "
              f"x {plan.world_size} ranks = {plan.records:,} records, ~{gib(size)}"
-             if plan.records else f"{record.epochs} epochs (size unknown: no readable shard index)")
+             if plan.records else f"{epochs} (size unknown: no readable shard index)")
     table.add_row("recording", f"{count}, into {plan.targets_dir} (no student: a stage reads "
                   f"them with teacher: {{targets: 'stage:{plan.name}'}})")
     table.add_row("objectives", "; ".join(f"{o.label} (for the students)" for o in plan.spec.objectives))
-    table.add_row("data", f"train {data.train}; {data.views.geometry.size}px views {list(data.views.views)}")
+    table.add_row("data", f"train {data.train}; {_inputs(plan.spec)}")
     if plan.placement is not None and plan.placement.teacher is not None:
         chosen = plan.placement.teacher
         config = f" ({chosen.config})" if chosen.config else ""
