@@ -185,6 +185,51 @@ class StageProgress:
             self.writer.close()
 
 
+class RecordingProgress:
+    """Rank 0's display of a recording stage (no loss, no optimizer): a rich bar of batches
+    with samples/s and ETA on a terminal; where stderr is a file, a plain line every
+    ``every`` batches and at the last. A no-op on other ranks."""
+
+    def __init__(self, stage: str, total: int, done: int, samples_per_batch: int, every: int,
+                 enabled: bool):
+        self.enabled, self.stage, self.total, self.every = enabled, stage, total, every
+        self.samples_per_batch = samples_per_batch
+        self._started = self._last_time = time.perf_counter()
+        self._start = self._last = done
+        if not enabled:
+            return
+        self.plain = not console.is_terminal
+        if self.plain:
+            return
+        self.progress = Progress(
+            TextColumn(f"[bold]{stage}"), TextColumn("recording"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("{task.fields[rate]} samples/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False)
+        self.task = self.progress.add_task(stage, total=total, completed=done, rate="-")
+        self.progress.start()
+
+    def advance(self, done: int, epoch: int) -> None:
+        """``done`` batches of ``total`` recorded, the last of them from ``epoch``."""
+        if not self.enabled or not (done % self.every == 0 or done == self.total):
+            return
+        now = time.perf_counter()
+        rate = (done - self._last) * self.samples_per_batch / max(now - self._last_time, 1e-9)
+        self._last, self._last_time = done, now
+        if not self.plain:
+            self.progress.update(self.task, completed=done, rate=f"{rate:.1f}")
+            return
+        elapsed = now - self._started
+        eta = elapsed / (done - self._start) * (self.total - done) if done > self._start else 0.0
+        console.print(f"{self.stage} recorded batch {done}/{self.total} (epoch {epoch}) "
+                      f"{rate:.1f} samples/s ETA {_duration(eta)}", markup=False,
+                      highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.enabled and not self.plain:
+            self.progress.stop()
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

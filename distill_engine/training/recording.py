@@ -30,6 +30,7 @@ from distill_engine.modeling.inputs import model_inputs, to_model
 from distill_engine.planning.job import JobPlan, RecordPlan
 
 from . import fingerprint, preemption
+from .progress import RecordingProgress
 from .engines import build_teacher
 
 log = logging.getLogger("distill_engine")
@@ -108,26 +109,25 @@ class RecordingStage:
         self.check_disk()
         if done < total:
             self.teacher, dtype = build_teacher(self.plan, self.job.spec.seed, self.plan.placement.teacher)
-        every_save, every_log = self.spec.checkpointing.every_steps, self.spec.logging.every_steps
+        every_save = self.spec.checkpointing.every_steps
         batches = iter(stream)
-        last_log, last_done = time.perf_counter(), done
-        while done < stop_at:
-            if preemption.stop_requested_everywhere():
-                writer.checkpoint(stream.state_dict())
-                raise preemption.Preempted(preemption.stop_reason(), preemption.stop_signal(),
-                                           done, f"recording batch {done}")
-            batch = next(batches)
-            taps = self.teacher(to_model(teacher_inputs(self.plan, batch), self.device, dtype))
-            writer.write_batch(batch, encode_batch(taps, self.plan.stores))
-            done += 1
-            if done % every_save == 0 or done == stop_at:
-                writer.checkpoint(stream.state_dict(), finished=done == total)
-            if self.rank == 0 and (done % every_log == 0 or done == stop_at):
-                now = time.perf_counter()
-                rate = (done - last_done) * stream.batch_size * self.world_size / max(now - last_log, 1e-9)
-                log.info("%s: recorded batch %d/%d (epoch %d), %.1f samples/s", self.spec.name,
-                         done, total, (done - 1) // per_epoch, rate)
-                last_log, last_done = now, done
+        progress = RecordingProgress(self.spec.name, total, done, stream.batch_size * self.world_size,
+                                     self.spec.logging.every_steps, enabled=self.rank == 0)
+        try:
+            while done < stop_at:
+                if preemption.stop_requested_everywhere():
+                    writer.checkpoint(stream.state_dict())
+                    raise preemption.Preempted(preemption.stop_reason(), preemption.stop_signal(),
+                                               done, f"recording batch {done}")
+                batch = next(batches)
+                taps = self.teacher(to_model(teacher_inputs(self.plan, batch), self.device, dtype))
+                writer.write_batch(batch, encode_batch(taps, self.plan.stores))
+                done += 1
+                if done % every_save == 0 or done == stop_at:
+                    writer.checkpoint(stream.state_dict(), finished=done == total)
+                progress.advance(done, (done - 1) // per_epoch)
+        finally:
+            progress.close()
         if done < total:
             log.info("%s: stopped after recording batch %d of %d as asked; run the same command "
                      "again to resume", self.spec.name, done, total)

@@ -83,3 +83,21 @@ def test_lines_records_and_the_summary_say_where_the_time_went_and_the_mfu(tmp_p
     with console.capture() as table:
         console.print(summary_table([row]))
     assert "40/30/10/10" in table.get() and "40.0%" in table.get()
+
+
+def test_a_recording_shows_batches_rate_and_eta_on_rank_0_only(capsys):
+    from distill_engine.training.progress import RecordingProgress
+    # Resumed at batch 2 of 10: lines at every 4th batch and at the last, none elsewhere.
+    progress = RecordingProgress("record", total=10, done=2, samples_per_batch=16, every=4,
+                                 enabled=True)
+    for done in range(3, 11):
+        progress.advance(done, epoch=(done - 1) // 5)
+    progress.close()
+    silent = RecordingProgress("record", total=10, done=0, samples_per_batch=16, every=4,
+                               enabled=False)  # another rank
+    for done in range(1, 11):
+        silent.advance(done, epoch=0)
+    lines = re.findall(r"^record recorded batch (\d+)/10 \(epoch (\d)\) [\d.]+ samples/s "
+                       r"ETA (\d+:\d\d:\d\d)$", capsys.readouterr().err, re.MULTILINE)
+    assert [(int(b), int(e)) for b, e, _ in lines] == [(4, 0), (8, 1), (10, 1)]
+    assert lines[-1][2] == "0:00:00"
