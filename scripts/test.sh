@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# --durations: the slowest tests, to keep the whole suite under its 20-minute goal.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -4,8 +4,9 @@ the pre-trained L3 student; one run directory per seed.
 
     python scripts/well_read_results.py runs/well_read_students [runs/well_read_students_seed1 ...]
 
-One directory: its table, written to DIR/results.md. Several (seeds): a table of every seed,
-their mean and standard deviation, and the paired differences of PD against each baseline.
+One directory: its table. Several (seeds): a table of every seed, their mean and standard
+deviation, and the paired differences of PD against each baseline. Either is also written to
+the first directory's results.md.
 """
 
 from __future__ import annotations
@@ -82,6 +83,5 @@ def seeds(runs: list[Path]) -> str:
 if __name__ == "__main__":
     runs = [Path(a) for a in sys.argv[1:]] or [Path("runs/well_read_students")]
     text = one_run(runs[0]) if len(runs) == 1 else seeds(runs)
-    if len(runs) == 1:
-        (runs[0] / "results.md").write_text(text)
+    (runs[0] / "results.md").write_text(text)
     print(text)
