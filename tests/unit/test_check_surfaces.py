@@ -80,11 +80,12 @@ def test_plan_of_a_text_recipe_before_its_data_plans_it_with_warnings(tmp_path):
     assert f"warning: data.text.tokenizer: tokenizer directory {tmp_path}/data/well_read/minilm " \
            f"does not exist" in err, err
     # The teacher's model folder is the same missing directory, and the pre-trained L3 is
-    # converted into another: the teacher's stage, the stages it teaches and those of the
-    # L3 cannot be planned, and say so; the masked-LM student's own stages are.
+    # converted into another: the teacher's stage, the recording of its soft labels, the
+    # stages that read them and those of the L3 cannot be planned, and say so; the
+    # masked-LM student's own stages (7, 9) are.
     assert [w.split(":")[1].strip() for w in warnings if "is not planned" in w] == [
         "stages[0]", "stages[1]", "stages[2]", "stages[3]", "stages[4]", "stages[5]",
-        "stages[7]"], warnings
+        "stages[6]", "stages[8]"], warnings
     flat = " ".join(out.split())
     for stage in ("student_mlm", "pd_finetune"):
         assert f"{stage}: memory per GPU at 2 GPUs" in flat, flat
