@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Self-distillation for further pre-training on the digits (jobs/self_distillation.yaml):
-# packs the class splits, runs the job on 2 ranks (pre-training stages once, fine-tuning with
-# data seeds 0, 1, 2; FINETUNE_SEEDS="" for seed 0 only), and prints the held-out accuracies (runs/self-distillation/results.md).
+# packs the class splits, runs the job on 2 ranks, and prints the held-out accuracies
+# (runs/self-distillation/results.md).
+#
+# The initial model (stage `initial`, MAE on the source digits) is made once: it plays the
+# paper's given pre-trained checkpoint. Everything after it (further pre-training,
+# self-distillation, the three fine-tunings) runs once per seed in SEEDS (default 0-4):
+# seed 0 is the job's own stages, seed k the same stages named NAME_seedk under job seed k
+# (their masks, sample order, augmentation and fresh classifier all derive from it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
 setup_venv
 SPEC=jobs/self_distillation.yaml
-RUN=runs/self-distillation
+RUN=${RUN:-runs/self-distillation}
+SEEDS=${SEEDS-0 1 2 3 4}
 # Source: digits 0-4 (the initial MAE only). Target: digits 5-9, relabelled 0-4, with a
 # held-out split; fine-tuning sees 20 labelled images per class of the target's train split.
 [ -f data/selfdist/source/index.json ] || python -m data_shards pack sklearn:digits \
@@ -17,11 +24,26 @@ RUN=runs/self-distillation
 [ -f data/selfdist/labelled/train/index.json ] || python -m data_shards pack sklearn:digits \
   --classes 5,6,7,8,9 --holdout 0.2 --max-per-class 20 --out data/selfdist/labelled --no-progress
 
+# The --set arguments that run stages 1-5 again as NAME_seedSEED under job seed SEED, each
+# reading the models of its own seed (stage 0, `initial`, is done and skipped).
+seed_args() {
+  local k=$1
+  [ "$k" = 0 ] && return 0
+  echo --set seed="$k" \
+    --set stages.1.name=further_seed"$k" \
+    --set stages.2.name=selfdist_seed"$k" --set stages.2.teacher.arch=stage:further_seed"$k" \
+    --set stages.3.name=finetune_selfdist_seed"$k" --set stages.3.student.init=stage:selfdist_seed"$k" \
+    --set stages.4.name=finetune_further_seed"$k" --set stages.4.student.init=stage:further_seed"$k" \
+    --set stages.5.name=finetune_initial_seed"$k"
+}
+
 start=$(date +%s)
-launch_job --spec "$SPEC" --set run_dir="$RUN" "$@"   # all stages; fine-tuning with data seed 0
-for seed in ${FINETUNE_SEEDS-1 2}; do                  # the pre-training stages are done: skipped
-  reseeded_stages "$SPEC" "$seed" 3 4 5
-  launch_job --spec "$SPEC" --set run_dir="$RUN" "${RESEEDED[@]}" "$@"
+for seed in $SEEDS; do
+  # shellcheck disable=SC2046  # seed_args's words are separate arguments
+  launch_job --spec "$SPEC" --set run_dir="$RUN" $(seed_args "$seed") "$@"
+  echo "self_distillation.sh: seed $seed done at $(( $(date +%s) - start )) s"
 done
 echo "self_distillation.sh: $(( $(date +%s) - start )) s"
-python scripts/self_distillation_results.py "$RUN" 0 ${FINETUNE_SEEDS-1 2} | tee "$RUN/results.md"
+# shellcheck disable=SC2086
+python scripts/self_distillation_results.py "$RUN" $SEEDS --curves \
+  --heldout data/selfdist/target/holdout | tee "$RUN/results.md"
