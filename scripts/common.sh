@@ -37,14 +37,20 @@ text_splits() {
   done
 }
 
-# Fills RESEEDED with the --set arguments that run SPEC's stages STAGE... again under data
-# seed SEED, as new stages NAME_seedSEED (the stages before them are done and skipped).
-reseeded_stages() {
-  local spec=$1 seed=$2 stage name
-  shift 2
-  RESEEDED=()
-  for stage in "$@"; do
-    name=$(python -c "import yaml; print(yaml.safe_load(open('$spec'))['stages'][$stage]['name'])")
-    RESEEDED+=(--set "stages.$stage.name=${name}_seed$seed" --set "stages.$stage.data.seed=$seed")
-  done
+# The --set arguments that run a self-distillation job's chain again under job seed SEED:
+# further, selfdist, finetune_selfdist, finetune_further, finetune_initial (stages FIRST to
+# FIRST+4, in that order) named NAME_seedSEED, each reading the models of its own seed. Seed 0
+# is the job as written (no arguments). Prints the words; the caller splits them.
+selfdist_seed_args() {
+  local k=$1 f=$2
+  [ "$k" = 0 ] && return 0
+  echo --set seed="$k" \
+    --set stages.$f.name=further_seed"$k" \
+    --set stages.$((f + 1)).name=selfdist_seed"$k" \
+    --set stages.$((f + 1)).teacher.arch=stage:further_seed"$k" \
+    --set stages.$((f + 2)).name=finetune_selfdist_seed"$k" \
+    --set stages.$((f + 2)).student.init=stage:selfdist_seed"$k" \
+    --set stages.$((f + 3)).name=finetune_further_seed"$k" \
+    --set stages.$((f + 3)).student.init=stage:further_seed"$k" \
+    --set stages.$((f + 4)).name=finetune_initial_seed"$k"
 }

@@ -75,12 +75,13 @@ def curves(run: Path, seeds: list[int]) -> str:
     lines = ["", "Fine-tuning loss (the logged means), last 20 % of steps against the 20 % "
              "before, and the self-distillation terms at the first and last logged step:", "",
              "| seed | stage | loss, steps 61-80 % | loss, last 20 % | change | "
-             "selfdist hidden first -> last | selfdist MAE first -> last |",
+             "selfdist hidden first -> last | selfdist MAE / MLM first -> last |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for seed in seeds:
         sd = records(run, named("selfdist", seed))
+        masked = "loss/mae" if "loss/mae" in sd[0] else "loss/mlm"   # images or text
         terms = (f"{sd[0]['loss/hidden']:.3f} -> {sd[-1]['loss/hidden']:.4f}",
-                 f"{sd[0]['loss/mae']:.3f} -> {sd[-1]['loss/mae']:.3f}")
+                 f"{sd[0][masked]:.3f} -> {sd[-1][masked]:.3f}")
         for stage, _ in ROWS:
             rows = records(run, named(stage, seed))
             last = rows[-1]["step"]
