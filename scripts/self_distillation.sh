@@ -24,23 +24,11 @@ SEEDS=${SEEDS-0 1 2 3 4}
 [ -f data/selfdist/labelled/train/index.json ] || python -m data_shards pack sklearn:digits \
   --classes 5,6,7,8,9 --holdout 0.2 --max-per-class 20 --out data/selfdist/labelled --no-progress
 
-# The --set arguments that run stages 1-5 again as NAME_seedSEED under job seed SEED, each
-# reading the models of its own seed (stage 0, `initial`, is done and skipped).
-seed_args() {
-  local k=$1
-  [ "$k" = 0 ] && return 0
-  echo --set seed="$k" \
-    --set stages.1.name=further_seed"$k" \
-    --set stages.2.name=selfdist_seed"$k" --set stages.2.teacher.arch=stage:further_seed"$k" \
-    --set stages.3.name=finetune_selfdist_seed"$k" --set stages.3.student.init=stage:selfdist_seed"$k" \
-    --set stages.4.name=finetune_further_seed"$k" --set stages.4.student.init=stage:further_seed"$k" \
-    --set stages.5.name=finetune_initial_seed"$k"
-}
-
 start=$(date +%s)
 for seed in $SEEDS; do
-  # shellcheck disable=SC2046  # seed_args's words are separate arguments
-  launch_job --spec "$SPEC" --set run_dir="$RUN" $(seed_args "$seed") "$@"
+  # stage 0, `initial`, is made by seed 0 and skipped as complete after it
+  # shellcheck disable=SC2046  # the seed's arguments are separate words
+  launch_job --spec "$SPEC" --set run_dir="$RUN" $(selfdist_seed_args "$seed" 1) "$@"
   echo "self_distillation.sh: seed $seed done at $(( $(date +%s) - start )) s"
 done
 echo "self_distillation.sh: $(( $(date +%s) - start )) s"
