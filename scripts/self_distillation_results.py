@@ -58,6 +58,21 @@ def interval(diffs: list[float]) -> tuple[float, float]:
     return statistics.mean(diffs) - half, statistics.mean(diffs) + half
 
 
+def verdict(selfdist: list[float], values: dict[str, list[float]]) -> tuple[str, list[str]]:
+    """confirmed, contradicted or not shown, and the paired intervals that decide it."""
+    if len(selfdist) < 2:
+        return "not shown", ["- one seed gives no interval: run more seeds (SEEDS) for a verdict"]
+    positions, lines = [], []
+    for baseline in ("finetune_initial", "finetune_further"):
+        diffs = [s - b for s, b in zip(selfdist, values[baseline])]
+        low, high = interval(diffs)
+        lines.append(f"- minus `{baseline}`: mean {100 * statistics.mean(diffs):+.2f} points, "
+                     f"95 % interval {100 * low:+.2f} to {100 * high:+.2f}")
+        positions.append("ahead" if low > 0 else "behind" if high < 0 else "level")
+    return ("confirmed" if positions == ["ahead", "ahead"] else
+            "contradicted" if "behind" in positions else "not shown"), lines
+
+
 def table(run: Path, seeds: list[int]) -> str:
     values = {stage: [accuracy(run, stage, seed) for seed in seeds] for stage, _ in ROWS}
     mean = {stage: statistics.mean(v) for stage, v in values.items()}
@@ -78,18 +93,10 @@ def table(run: Path, seeds: list[int]) -> str:
                for i in range(len(seeds)))
     lines += ["", f"Self-distillation beats both baselines in {wins} of {len(seeds)} seeds "
               "(std: sample standard deviation over the seeds)."]
-    if len(seeds) > 1:
-        verdicts = []
-        for baseline in ("finetune_initial", "finetune_further"):
-            diffs = [s - b for s, b in zip(selfdist, values[baseline])]
-            low, high = interval(diffs)
-            lines.append(f"- minus `{baseline}`: mean {100 * statistics.mean(diffs):+.2f} points, "
-                         f"95 % interval {100 * low:+.2f} to {100 * high:+.2f}")
-            verdicts.append("ahead" if low > 0 else "behind" if high < 0 else "level")
-        verdict = ("confirmed" if verdicts == ["ahead", "ahead"] else
-                   "contradicted" if "behind" in verdicts else "not shown")
-        lines.append(f"\nThe paper's claim (self-distillation beats both baselines) is **{verdict}** "
-                     "here: confirmed only when both paired intervals lie above 0.")
+    claim, intervals = verdict(selfdist, values)
+    lines += intervals + ["", f"The paper's claim (self-distillation beats both baselines) is "
+                          f"**{claim}** here: confirmed only when both paired 95 % intervals "
+                          "lie above 0, contradicted when either lies below."]
     return "\n".join(lines)
 
 

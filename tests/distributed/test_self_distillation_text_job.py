@@ -102,4 +102,6 @@ def test_the_results_table_names_the_three_methods_and_the_verdict(job_run):
     accuracy = {stage: summary(work / "run", stage)["accuracy"] for stage in ORIGINS}
     for stage, value in accuracy.items():
         assert f"{100 * value:.2f} %" in result.stdout, stage
-    assert "the paper's claim is" in result.stdout
+    # One seed has no interval, so no verdict either way.
+    assert "The paper's claim (self-distillation beats both baselines) is **not shown**" \
+        in result.stdout
