@@ -344,11 +344,10 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
              "attention_probs_dropout_prob": 0.0}
 
 
-def load_script():
-    """scripts/initial_mlm_model.py as a module."""
+def script_module(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("initial_mlm_model",
-                                                  ROOT / "scripts" / "initial_mlm_model.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import (ROOT, bert_encoder_dir, env, load_script, run_deepspeed, tiny_text_splits,
+from helpers import (ROOT, bert_encoder_dir, env, run_deepspeed, script_module, tiny_text_splits,
                      tiny_tokenizer, write_spec)
 
 pytestmark = pytest.mark.distributed
@@ -30,7 +30,7 @@ def small_job(work: Path) -> dict:
                                             "transfer": (300, 1, False),
                                             "test": (100, 2, True)})
     tokenizer = tiny_tokenizer(data / "tokenizer")
-    load_script().initial_mlm_model(bert_encoder_dir(work / "encoder", 64), work / "initial")
+    script_module("initial_mlm_model").initial_mlm_model(bert_encoder_dir(work / "encoder", 64), work / "initial")
     text = (ROOT / "jobs" / "self_distillation_text.yaml").read_text()
     for path, replacement in (("data/selfdist_text/initial", work / "initial"),
                               ("data/well_read/minilm", tokenizer),

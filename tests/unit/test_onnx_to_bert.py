@@ -13,14 +13,7 @@ from torch import nn
 
 onnx = pytest.importorskip("onnx")  # the converter's one requirement (requirements/onnx.txt)
 
-from helpers import ROOT, tiny_tokenizer  # noqa: E402
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("onnx_to_bert", ROOT / "scripts" / "onnx_to_bert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import script_module, tiny_tokenizer  # noqa: E402
 
 
 class Transformer(nn.Module):  # sentence-transformers' module 0: "auto_model" is the BERT
@@ -81,7 +74,7 @@ SENTENCES = ["the film was very good", "it is a bad plot", "this and a film so"]
 def test_the_converted_model_is_the_graphs_bert_and_computes_its_token_embeddings(exported, tmp_path):
     from transformers import BertModel
     out = tmp_path / "bert"
-    report = load_script().convert(exported["graph"], exported["tokenizer"], out, SENTENCES)
+    report = script_module("onnx_to_bert").convert(exported["graph"], exported["tokenizer"], out, SENTENCES)
     assert report["max_abs_difference"] <= 1e-4, report
     assert report["tokens"] > len(SENTENCES)
     from safetensors.torch import load_file
@@ -116,7 +109,7 @@ def test_a_graph_that_computes_something_else_is_refused_and_nothing_is_written(
     altered = tmp_path / "altered.onnx"
     onnx.save(model, str(altered))
 
-    script = load_script()
+    script = script_module("onnx_to_bert")
     out = tmp_path / "bert"
     out.mkdir()
     (out / "kept.txt").write_text("an earlier conversion")
@@ -131,7 +124,7 @@ def test_a_graph_that_computes_something_else_is_refused_and_nothing_is_written(
 
 
 def test_a_tokenizer_of_another_vocabulary_is_refused(exported, tmp_path):
-    script = load_script()
+    script = script_module("onnx_to_bert")
     other = tiny_tokenizer(tmp_path / "tokenizer", extra_words=["extra", "words"])
     with pytest.raises(script.Refused, match="not the same vocabulary"):
         script.convert(exported["graph"], other, tmp_path / "bert", SENTENCES)
@@ -142,7 +135,7 @@ def test_the_packaged_minilm_l3_converts_within_tolerance(tmp_path):
     """The real graph (paraphrase-MiniLM-L3-v2), when its package and the MiniLM-L6
     tokenizer's package are installed (requirements/onnx.txt, requirements/text.txt)."""
     import importlib.metadata as metadata
-    script = load_script()
+    script = script_module("onnx_to_bert")
     try:
         metadata.distribution(script.PACKAGE)
     except metadata.PackageNotFoundError:

@@ -4,22 +4,13 @@ only when both paired 95 % t intervals lie above 0, contradicted when either lie
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from helpers import ROOT
+from helpers import script_module
 
 STAGES = ("finetune_initial", "finetune_further", "finetune_selfdist")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "self_distillation_results", ROOT / "scripts" / "self_distillation_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_run(run, per_seed):
@@ -47,14 +38,14 @@ def claim(text: str) -> str:
     ([(0.50, 0.50, 0.90)], "not shown"),
 ])
 def test_the_verdict_follows_the_paired_intervals(tmp_path, per_seed, expected):
-    results = load_script()
+    results = script_module("self_distillation_results")
     write_run(tmp_path, per_seed)
     text = results.table(tmp_path, list(range(len(per_seed))))
     assert claim(text) == expected
 
 
 def test_the_table_gives_each_seed_the_mean_the_std_and_the_paired_differences(tmp_path):
-    results = load_script()
+    results = script_module("self_distillation_results")
     write_run(tmp_path, [(0.80, 0.70, 0.75), (0.70, 0.72, 0.77)])
     lines = results.table(tmp_path, [0, 1]).splitlines()
     initial = next(line for line in lines if line.startswith("| fine-tune the initial"))

@@ -17,12 +17,12 @@ from distill_engine.objectives.hidden import UNMASKED_STUDENT, HiddenConfig, hid
 from distill_engine.objectives.mlm import LABELS, MLMConfig
 from distill_engine.training.models import TappedModel
 
-from helpers import TINY_BERT, bert_encoder_dir, load_script, tiny_tokenizer
+from helpers import TINY_BERT, bert_encoder_dir, script_module, tiny_tokenizer
 
 def test_the_initial_model_ties_its_decoder_and_starts_only_the_transform_and_bias_fresh(tmp_path):
     encoder = load_file(str(bert_encoder_dir(tmp_path / "encoder", 50) / "model.safetensors"))
     out = tmp_path / "initial"
-    load_script().initial_mlm_model(tmp_path / "encoder", out, seed=0)
+    script_module("initial_mlm_model").initial_mlm_model(tmp_path / "encoder", out, seed=0)
     saved = load_file(str(out / "model.safetensors"))
     # The encoder comes over unchanged; its pooler does not (a masked-LM model has none).
     assert not any("pooler" in key for key in saved)
@@ -54,7 +54,7 @@ def test_every_finetuning_starts_its_classifier_and_pooler_fresh(tmp_path):
     """The three fine-tunings of the job start from masked-LM files (the initial model, the
     further pre-trained and the self-distilled one): none holds a pooler, so each starts
     the pooler fresh with the classifier, and the baselines differ only in the encoder."""
-    load_script().initial_mlm_model(bert_encoder_dir(tmp_path / "encoder", 50), tmp_path / "initial")
+    script_module("initial_mlm_model").initial_mlm_model(bert_encoder_dir(tmp_path / "encoder", 50), tmp_path / "initial")
     recipe = ModelRecipe(f"hf:{tmp_path / 'initial'}",
                          {"task": "sequence_classification", "num_labels": 3})
     model = recipe.family.create(recipe)
@@ -69,7 +69,7 @@ def test_every_finetuning_starts_its_classifier_and_pooler_fresh(tmp_path):
 def test_an_encoder_whose_embeddings_are_not_tied_is_refused(tmp_path):
     bert_encoder_dir(tmp_path / "encoder", 50, tie_word_embeddings=False)
     with pytest.raises(SystemExit, match="not tied"):
-        load_script().initial_mlm_model(tmp_path / "encoder", tmp_path / "initial")
+        script_module("initial_mlm_model").initial_mlm_model(tmp_path / "encoder", tmp_path / "initial")
     assert not (tmp_path / "initial").exists()
 
 

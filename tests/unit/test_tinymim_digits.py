@@ -5,18 +5,9 @@ confirmed only when its arm is ahead in every seed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from helpers import ROOT, check_in_process
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "tinymim_digits_results", ROOT / "scripts" / "tinymim_digits_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import ROOT, check_in_process, script_module
 
 
 def write_run(run, accuracies):
@@ -26,7 +17,7 @@ def write_run(run, accuracies):
 
 
 def test_mean_std_paired_differences_and_verdicts(tmp_path):
-    results = load_script()
+    results = script_module("tinymim_digits_results")
     # (a): relation ahead in both seeds; (b): chain ahead on the mean but behind in seed1.
     write_run(tmp_path / "seed0", {"rel_finetune": 0.80, "feat_finetune": 0.70,
                                    "chain_small_finetune": 0.60, "direct_small_finetune": 0.50})
@@ -44,7 +35,7 @@ def test_mean_std_paired_differences_and_verdicts(tmp_path):
 
 
 def test_no_verdict_before_the_stages_finish(tmp_path):
-    results = load_script()
+    results = script_module("tinymim_digits_results")
     write_run(tmp_path / "seed0", {"rel_finetune": 0.80})
     text = results.report([tmp_path / "seed0"])
     assert text.count("no verdict (the stages have not finished)") == 2
