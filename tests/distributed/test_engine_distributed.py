@@ -152,7 +152,9 @@ def test_the_stage_summary_says_where_the_time_went(straight_run):
     shares = summary["time_shares"]
     assert set(shares) == {"teacher", "student", "optimizer", "data_wait"}
     assert all(0 <= share <= 1 for share in shares.values()) and sum(shares.values()) <= 1.05
-    assert shares["teacher"] > 0 and shares["student"] > shares["optimizer"] > 0
+    # Every part was timed (which part is largest depends on the machine's load: on a tiny
+    # model the optimizer step can outlast the student's forward and backward).
+    assert shares["teacher"] > 0 and shares["student"] > 0 and shares["optimizer"] > 0
     assert 0 < summary["mfu"] < 1
 
 
