@@ -58,15 +58,15 @@ def interval(diffs: list[float]) -> tuple[float, float]:
     return statistics.mean(diffs) - half, statistics.mean(diffs) + half
 
 
-def verdict(selfdist: list[float], values: dict[str, list[float]]) -> tuple[str, list[str]]:
-    """confirmed, contradicted or not shown, and the paired intervals that decide it."""
-    if len(selfdist) < 2:
+def verdict(diffs: dict[str, list[float]]) -> tuple[str, list[str]]:
+    """confirmed, contradicted or not shown, from the paired differences (self-distilled
+    minus each baseline, seed by seed), and the intervals that decide it."""
+    if len(next(iter(diffs.values()))) < 2:
         return "not shown", ["- one seed gives no interval: run more seeds (SEEDS) for a verdict"]
     positions, lines = [], []
-    for baseline in ("finetune_initial", "finetune_further"):
-        diffs = [s - b for s, b in zip(selfdist, values[baseline])]
-        low, high = interval(diffs)
-        lines.append(f"- minus `{baseline}`: mean {100 * statistics.mean(diffs):+.2f} points, "
+    for baseline, paired in diffs.items():
+        low, high = interval(paired)
+        lines.append(f"- minus `{baseline}`: mean {100 * statistics.mean(paired):+.2f} points, "
                      f"95 % interval {100 * low:+.2f} to {100 * high:+.2f}")
         positions.append("ahead" if low > 0 else "behind" if high < 0 else "level")
     return ("confirmed" if positions == ["ahead", "ahead"] else
@@ -83,17 +83,18 @@ def table(run: Path, seeds: list[int]) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{100 * v:.2f} %" for v in values[stage])
                      + f" | {100 * mean[stage]:.2f} % | {100 * sd[stage]:.2f} |")
     selfdist = values["finetune_selfdist"]
+    diffs = {baseline: [s - b for s, b in zip(selfdist, values[baseline])]
+             for baseline in ("finetune_initial", "finetune_further")}
     for baseline, label in (("finetune_initial", "self-distilled minus initial"),
                             ("finetune_further", "self-distilled minus further")):
-        diffs = [s - b for s, b in zip(selfdist, values[baseline])]
         lines.append(f"| {label} (paired, points) | "
-                     + " | ".join(f"{100 * d:+.2f}" for d in diffs)
-                     + f" | {spread(diffs).replace(' ± ', ' | ')} |")
+                     + " | ".join(f"{100 * d:+.2f}" for d in diffs[baseline])
+                     + f" | {spread(diffs[baseline]).replace(' ± ', ' | ')} |")
     wins = sum(selfdist[i] > max(values["finetune_initial"][i], values["finetune_further"][i])
                for i in range(len(seeds)))
     lines += ["", f"Self-distillation beats both baselines in {wins} of {len(seeds)} seeds "
               "(std: sample standard deviation over the seeds)."]
-    claim, intervals = verdict(selfdist, values)
+    claim, intervals = verdict(diffs)
     lines += intervals + ["", f"The paper's claim (self-distillation beats both baselines) is "
                           f"**{claim}** here: confirmed only when both paired 95 % intervals "
                           "lie above 0, contradicted when either lies below."]
