@@ -30,7 +30,8 @@ def small_job(work: Path) -> dict:
                                             "transfer": (300, 1, False),
                                             "test": (100, 2, True)})
     tokenizer = tiny_tokenizer(data / "tokenizer")
-    script_module("initial_mlm_model").initial_mlm_model(bert_encoder_dir(work / "encoder", 64), work / "initial")
+    script_module("initial_mlm_model").initial_mlm_model(
+        bert_encoder_dir(work / "encoder", 64), work / "initial")
     text = (ROOT / "jobs" / "self_distillation_text.yaml").read_text()
     for path, replacement in (("data/selfdist_text/initial", work / "initial"),
                               ("data/well_read/minilm", tokenizer),

@@ -74,7 +74,8 @@ SENTENCES = ["the film was very good", "it is a bad plot", "this and a film so"]
 def test_the_converted_model_is_the_graphs_bert_and_computes_its_token_embeddings(exported, tmp_path):
     from transformers import BertModel
     out = tmp_path / "bert"
-    report = script_module("onnx_to_bert").convert(exported["graph"], exported["tokenizer"], out, SENTENCES)
+    report = script_module("onnx_to_bert").convert(exported["graph"], exported["tokenizer"], out,
+                                                   SENTENCES)
     assert report["max_abs_difference"] <= 1e-4, report
     assert report["tokens"] > len(SENTENCES)
     from safetensors.torch import load_file

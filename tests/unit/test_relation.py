@@ -25,6 +25,7 @@ from distill_engine.objectives.relation import (RelationConfig, RelationDistilla
 # on one CPU by 5e-9. A formula error moves the value by orders of magnitude more.
 FP32_KL = {"rel": 1e-5, "abs": 1e-7}
 
+
 def reference_relation_kl(student_q, student_k, teacher_q, teacher_k, heads):
     """The formula written out: per sample, per teacher head, channels [h*d, (h+1)*d) on each
     side, softmax rows, KL(T || S) summed over keys, averaged over samples, heads and rows."""

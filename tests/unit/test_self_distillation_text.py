@@ -54,7 +54,8 @@ def test_every_finetuning_starts_its_classifier_and_pooler_fresh(tmp_path):
     """The three fine-tunings of the job start from masked-LM files (the initial model, the
     further pre-trained and the self-distilled one): none holds a pooler, so each starts
     the pooler fresh with the classifier, and the baselines differ only in the encoder."""
-    script_module("initial_mlm_model").initial_mlm_model(bert_encoder_dir(tmp_path / "encoder", 50), tmp_path / "initial")
+    script_module("initial_mlm_model").initial_mlm_model(
+        bert_encoder_dir(tmp_path / "encoder", 50), tmp_path / "initial")
     recipe = ModelRecipe(f"hf:{tmp_path / 'initial'}",
                          {"task": "sequence_classification", "num_labels": 3})
     model = recipe.family.create(recipe)
@@ -69,7 +70,8 @@ def test_every_finetuning_starts_its_classifier_and_pooler_fresh(tmp_path):
 def test_an_encoder_whose_embeddings_are_not_tied_is_refused(tmp_path):
     bert_encoder_dir(tmp_path / "encoder", 50, tie_word_embeddings=False)
     with pytest.raises(SystemExit, match="not tied"):
-        script_module("initial_mlm_model").initial_mlm_model(tmp_path / "encoder", tmp_path / "initial")
+        script_module("initial_mlm_model").initial_mlm_model(tmp_path / "encoder",
+                                                             tmp_path / "initial")
     assert not (tmp_path / "initial").exists()
 
 
