@@ -24,6 +24,8 @@ import json
 import statistics
 from pathlib import Path
 
+from paired_claims import RULE, verdict
+
 ROWS = [("finetune_initial", "fine-tune the initial model (baseline)"),
         ("finetune_further", "further pre-training, then fine-tune (baseline)"),
         ("finetune_selfdist", "further pre-training + self-distillation, then fine-tune")]
@@ -44,33 +46,6 @@ def records(run: Path, stage: str) -> list[dict]:
 def spread(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{100 * statistics.mean(values):+.2f} ± {100 * sd:.2f}"
-
-
-# Two-sided 95 % quantiles of Student's t for 1-9 degrees of freedom (a paired interval over
-# at most ten seeds; more seeds use the normal's 1.96, which is within 7 % from ten on).
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
-
-
-def interval(diffs: list[float]) -> tuple[float, float]:
-    """95 % interval of the mean of paired differences (t, seeds as the sample)."""
-    n = len(diffs)
-    half = (T_975[n - 2] if n <= 10 else 1.96) * statistics.stdev(diffs) / n ** 0.5
-    return statistics.mean(diffs) - half, statistics.mean(diffs) + half
-
-
-def verdict(diffs: dict[str, list[float]]) -> tuple[str, list[str]]:
-    """confirmed, contradicted or not shown, from the paired differences (self-distilled
-    minus each baseline, seed by seed), and the intervals that decide it."""
-    if len(next(iter(diffs.values()))) < 2:
-        return "not shown", ["- one seed gives no interval: run more seeds (SEEDS) for a verdict"]
-    positions, lines = [], []
-    for baseline, paired in diffs.items():
-        low, high = interval(paired)
-        lines.append(f"- minus `{baseline}`: mean {100 * statistics.mean(paired):+.2f} points, "
-                     f"95 % interval {100 * low:+.2f} to {100 * high:+.2f}")
-        positions.append("ahead" if low > 0 else "behind" if high < 0 else "level")
-    return ("confirmed" if positions == ["ahead", "ahead"] else
-            "contradicted" if "behind" in positions else "not shown"), lines
 
 
 def table(run: Path, seeds: list[int]) -> str:
@@ -94,10 +69,9 @@ def table(run: Path, seeds: list[int]) -> str:
                for i in range(len(seeds)))
     lines += ["", f"Self-distillation beats both baselines in {wins} of {len(seeds)} seeds "
               "(std: sample standard deviation over the seeds)."]
-    claim, intervals = verdict(diffs)
+    claim, intervals = verdict(diffs, scale=100)
     lines += intervals + ["", f"The paper's claim (self-distillation beats both baselines) is "
-                          f"**{claim}** here: confirmed only when both paired 95 % intervals "
-                          "lie above 0, contradicted when either lies below."]
+                          f"**{claim}** here: {RULE}."]
     return "\n".join(lines)
 
 

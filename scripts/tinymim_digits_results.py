@@ -4,8 +4,9 @@ claim's arms per seed, and whether TinyMIM's two claims hold here.
 
     python scripts/tinymim_digits_results.py runs/tinymim_digits/seed0 runs/tinymim_digits/seed1 ...
 
-A claim is confirmed when its arm is ahead on the mean and in every seed; ahead on the mean
-but not in every seed is reported as not confirmed, with the count.
+Each claim is judged by scripts/paired_claims.py, the rule every recipe's results share: its
+arm minus the other, paired by seed, confirmed only when the 95 % interval of the mean
+difference lies above 0, contradicted when it lies below, not shown otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from paired_claims import RULE, verdict
 
 ROWS = [  # stage, what it is (all fine-tunings: 150 steps with labels)
     ("teacher", "teacher: ViT 96 x 4, trained with labels (300 steps)"),
@@ -46,16 +49,6 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, std
 
 
-def verdict(differences: list[float]) -> str:
-    """'confirmed' only when the claimed arm is ahead on the mean and in every seed."""
-    if not differences:
-        return "no verdict (the stages have not finished)"
-    ahead = sum(d > 0 for d in differences)
-    mean = statistics.mean(differences)
-    word = "**confirmed**" if mean > 0 and ahead == len(differences) else "**not confirmed**"
-    return f"{word}: ahead in {ahead} of {len(differences)} seeds, mean difference {mean:+.2f} points"
-
-
 def fmt(value: float | None, suffix: str = " %") -> str:
     return "-" if value is None else f"{value:.2f}{suffix}"
 
@@ -73,12 +66,17 @@ def report(runs: list[Path]) -> str:
     for name, winner, other in CLAIMS:
         pairs = [(run.name, 100 * (a[winner] - a[other])) for run, a in zip(runs, accs)
                  if a[winner] is not None and a[other] is not None]
+        if not pairs:
+            text += f"- {name}: no verdict (the stages have not finished)\n"
+            continue
         differences = [d for _, d in pairs]
         _, std = mean_std(differences)
-        per_seed = ", ".join(f"{seed} {d:+.2f}" for seed, d in pairs) or "-"
+        per_seed = ", ".join(f"{seed} {d:+.2f}" for seed, d in pairs)
+        claim, lines = verdict({other: differences})
         text += (f"- {name} (`{winner}` - `{other}`): {per_seed}"
-                 + (f" (std {std:.2f})" if std is not None else "") + f"; {verdict(differences)}\n")
-    return text
+                 + (f" (std {std:.2f})" if std is not None else "") + f"; **{claim}**\n"
+                 + "".join(f"  {line}\n" for line in lines))
+    return text + f"\nA claim is {RULE}.\n"
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""The Well-Read Students recipe's summary: held-out accuracy per stage, and whether the
-paper's claim (pre-trained distillation beats both baselines of the same budget) holds, for
-the pre-trained L3 student; one run directory per seed.
+"""The Well-Read Students recipe's summary: held-out accuracy per stage, one column per seed
+(one run directory each) with the mean and standard deviation, PD minus each baseline paired
+by seed, and whether the paper's claim (pre-trained distillation beats both baselines of the
+same budget) holds for the pre-trained L3 student, by scripts/paired_claims.py's rule (95 %
+intervals of the paired differences; one seed gives none, so no verdict).
 
     python scripts/well_read_results.py runs/well_read_students [runs/well_read_students_seed1 ...]
 
-One directory: its table. Several (seeds): a table of every seed, their mean and standard
-deviation, and the paired differences of PD against each baseline. Either is also written to
-the first directory's results.md.
+The text is also written to the first directory's results.md.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from paired_claims import RULE, verdict
 
 ROWS = [  # stage, what it is
     ("teacher", "teacher: MiniLM-L6 (6 x 384) fine-tuned on the labelled split"),
@@ -41,47 +43,31 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
 
-def verdict(acc: dict[str, float | None]) -> str:
-    pd, baselines = acc[PD], {k: acc[k] for k in BASELINES}
-    if pd is None or None in baselines.values():
-        return "not all stages have finished: no verdict"
-    beaten = [k for k, v in baselines.items() if pd > v]
-    margins = ", ".join(f"{100 * (pd - v):+.2f} points over `{k}`" for k, v in baselines.items())
-    return (("**confirmed**" if len(beaten) == len(baselines) else "**not confirmed**")
-            + f": PD + fine-tuning scores {100 * pd:.2f} %, {margins}.")
-
-
-def one_run(run: Path) -> str:
-    acc = accuracies(run)
-    lines = ["| stage | model | held-out accuracy |", "|---|---|---|"]
-    lines += [f"| `{stage}` | {what} | {pct(acc[stage])} |" for stage, what in ROWS]
-    return "\n".join(lines) + f"\n\nThe paper's claim (PD beats both baselines): {verdict(acc)}\n"
-
-
-def seeds(runs: list[Path]) -> str:
+def report(runs: list[Path]) -> str:
     accs = [accuracies(run) for run in runs]
     head = " | ".join(run.name for run in runs)
-    lines = [f"| stage | {head} | mean | std |", "|---|" + "---:|" * (len(runs) + 2)]
-    for stage, _ in ROWS:
+    lines = [f"| stage | model | {head} | mean | std |", "|---|---|" + "---:|" * (len(runs) + 2)]
+    for stage, what in ROWS:
         values = [a[stage] for a in accs]
         known = [v for v in values if v is not None]
-        mean = f"{100 * statistics.mean(known):.2f} %" if known else "-"
+        mean = pct(statistics.mean(known)) if known else "-"
         std = f"{100 * statistics.stdev(known):.2f}" if len(known) > 1 else "-"
-        lines.append(f"| `{stage}` | " + " | ".join(pct(v) for v in values) + f" | {mean} | {std} |")
+        lines.append(f"| `{stage}` | {what} | " + " | ".join(pct(v) for v in values)
+                     + f" | {mean} | {std} |")
     text = "\n".join(lines) + "\n\n"
-    for baseline in BASELINES:
-        pairs = [100 * (a[PD] - a[baseline]) for a in accs if a[PD] is not None and a[baseline] is not None]
-        if pairs:
-            spread = f", std {statistics.stdev(pairs):.2f}" if len(pairs) > 1 else ""
-            text += (f"- PD - `{baseline}`, paired by seed: {', '.join(f'{d:+.2f}' for d in pairs)} "
-                     f"(mean {statistics.mean(pairs):+.2f}{spread}); PD ahead in "
-                     f"{sum(d > 0 for d in pairs)} of {len(pairs)}\n")
-    text += "".join(f"- {run.name}: {verdict(a)}\n" for run, a in zip(runs, accs))
-    return text
+    if any(a[stage] is None for a in accs for stage in (PD, *BASELINES)):
+        return text + "Not all stages have finished: no verdict.\n"
+    diffs = {baseline: [a[PD] - a[baseline] for a in accs] for baseline in BASELINES}
+    for baseline, paired in diffs.items():
+        text += (f"- PD - `{baseline}`, paired by seed: "
+                 + ", ".join(f"{100 * d:+.2f}" for d in paired) + " points\n")
+    claim, intervals = verdict(diffs, scale=100)
+    return (text + "\n".join(intervals) + "\n\nThe paper's claim (PD beats both baselines) is "
+            f"**{claim}** here: {RULE}.\n")
 
 
 if __name__ == "__main__":
     runs = [Path(a) for a in sys.argv[1:]] or [Path("runs/well_read_students")]
-    text = one_run(runs[0]) if len(runs) == 1 else seeds(runs)
+    text = report(runs)
     (runs[0] / "results.md").write_text(text)
     print(text)

@@ -345,8 +345,11 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
 
 
 def script_module(name: str):
-    """scripts/NAME.py as a module (the scripts are not a package)."""
+    """scripts/NAME.py as a module (the scripts are not a package). scripts/ goes on sys.path,
+    as it is for `python scripts/NAME.py`, for the modules the scripts share."""
     import importlib.util
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.append(str(ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,7 @@
 """jobs/tinymim_digits.yaml passes --check on 2 ranks with the chain wired as the docs say,
 and scripts/tinymim_digits_results.py: the table a reader of docs/tinymim_digits.md relies on,
-mean and standard deviation over seeds, the paired differences per seed, and a claim called
-confirmed only when its arm is ahead in every seed."""
+mean and standard deviation over seeds, the paired differences per seed, and each claim judged
+by the paired 95 % intervals of scripts/paired_claims.py."""
 
 from __future__ import annotations
 
@@ -18,20 +18,23 @@ def write_run(run, accuracies):
 
 def test_mean_std_paired_differences_and_verdicts(tmp_path):
     results = script_module("tinymim_digits_results")
-    # (a): relation ahead in both seeds; (b): chain ahead on the mean but behind in seed1.
-    write_run(tmp_path / "seed0", {"rel_finetune": 0.80, "feat_finetune": 0.70,
-                                   "chain_small_finetune": 0.60, "direct_small_finetune": 0.50})
-    write_run(tmp_path / "seed1", {"rel_finetune": 0.75, "feat_finetune": 0.72,
-                                   "chain_small_finetune": 0.54, "direct_small_finetune": 0.56})
-    text = results.report([tmp_path / "seed0", tmp_path / "seed1"])
+    # (a): relation ahead by 8-10 points in every seed; (b): chain ahead on the mean (+4.00)
+    # but behind in seed1, so its interval spans 0.
+    arms = [(0.80, 0.70, 0.60, 0.50), (0.75, 0.67, 0.54, 0.56), (0.78, 0.69, 0.58, 0.54)]
+    for seed, (rel, feat, chain, direct) in enumerate(arms):
+        write_run(tmp_path / f"seed{seed}", {"rel_finetune": rel, "feat_finetune": feat,
+                                             "chain_small_finetune": chain,
+                                             "direct_small_finetune": direct})
+    text = results.report([tmp_path / f"seed{seed}" for seed in range(3)])
 
     rel_row = next(line for line in text.splitlines() if line.startswith("| `rel_finetune`"))
-    assert "| 80.00 % | 75.00 % | 77.50 % | 3.54 |" in rel_row   # stdev of 80, 75 = 3.536
-    assert "| `teacher` |" in text and "| - | - | - | - |" in text  # not run: shown, not invented
+    assert "| 80.00 % | 75.00 % | 78.00 % | 77.67 % | 2.52 |" in rel_row  # stdev 2.517
+    assert "| `teacher` |" in text and "| - | - | - | - | - |" in text  # not run: not invented
     claim_a, claim_b = [line for line in text.splitlines() if line.startswith("- (")]
-    assert "seed0 +10.00, seed1 +3.00" in claim_a and "**confirmed**: ahead in 2 of 2" in claim_a
-    assert "seed0 +10.00, seed1 -2.00" in claim_b
-    assert "**not confirmed**: ahead in 1 of 2 seeds, mean difference +4.00" in claim_b
+    assert "seed0 +10.00, seed1 +8.00, seed2 +9.00" in claim_a and "**confirmed**" in claim_a
+    assert "seed0 +10.00, seed1 -2.00, seed2 +4.00" in claim_b and "**not shown**" in claim_b
+    # +4.00 +- 4.303 * 6.00 / sqrt(3) = +4.00 +- 14.91
+    assert "mean +4.00 points, 95 % interval -10.91 to +18.91, ahead in 2 of 3 seeds" in text
 
 
 def test_no_verdict_before_the_stages_finish(tmp_path):
