@@ -87,26 +87,26 @@ def main() -> None:
             print(lines[-1], flush=True)
         if 1 in peaks and len(peaks) > 1:
             ratios[teacher] = (max(peaks), peaks[max(peaks)] / peaks[1])
-    body = (f"ZeRO-3 teacher engine (ds_configs/teacher_zero3_inference.json, working set "
-            f"sized from the plan: 2 x the largest layer live, 1 layer prefetched), bf16, built "
+    body = ("ZeRO-3 teacher engine (ds_configs/teacher_zero3_inference.json, working set "
+            "sized from the plan: 2 x the largest layer live, 1 layer prefetched), bf16, built "
             f"under `zero.Init` with random init, pruned to its FD tap, {args.batch} image(s) of "
             f"224 px per rank per forward, {args.forwards} forwards. Peak = "
             + ("the CUDA allocator's peak minus what it held "
                if common.on_cuda() else
                "VmHWM minus RSS (glibc with a fixed 64 KiB mmap threshold, so that RSS follows "
                "live tensors) ") +
-            f"before building, per rank, after the first and after the last forward; seconds "
-            f"= median forward after the first.\n\n" + "\n".join(lines))
+            "before building, per rank, after the first and after the last forward; seconds "
+            "= median forward after the first.\n\n" + "\n".join(lines))
     body += "\n\n" + "\n".join(f"- **{t}: peak per rank at {n} ranks / at 1 rank = {r:.3f}** "
-                                  f"(goal <= 0.6 at 2 ranks)" for t, (n, r) in ratios.items())
+                                  "(goal <= 0.6 at 2 ranks)" for t, (n, r) in ratios.items())
     body += (f"\n- planned / measured peak: {', '.join(f'{e:.2f}' for e in errors)} "
-             f"(goal within 0.75-1.25)")
+             "(goal within 0.75-1.25)")
     if timing:
         engine, bare = common.median(timing["engine"]), common.median(timing["bare"])
         body += (f"\n- 1 rank, {args.models.split(',')[0]}: engine forward {engine:.2f} s vs bare "
                  f"bf16 forward {bare:.2f} s, alternating x{len(timing['bare'])}: **bare / "
                  f"engine = {bare / engine:.2f}** (a teacher that fits is replicated by auto "
-                 f"placement and runs bare)")
+                 "placement and runs bare)")
     print(body)
     if not args.no_record:
         common.record("Teacher sharding", body)
