@@ -1,7 +1,8 @@
 """One rule for every recipe's "is the paper's claim confirmed here?": the claimed method
 minus each baseline, paired by seed, and a 95 % Student-t interval of the mean difference
 (the seeds as the sample). The results scripts of the self-distillation, Well-Read Students
-and TinyMIM recipes import it, so their tables judge a claim alike.
+and TinyMIM recipes import it, so their tables judge a claim alike; the last two also share
+the per-seed table the differences are read from (``seed_table``).
 
 - **confirmed**: every interval lies above 0 (ahead of every baseline beyond the seeds' spread);
 - **contradicted**: some interval lies below 0 (behind a baseline beyond the spread);
@@ -11,6 +12,7 @@ and TinyMIM recipes import it, so their tables judge a claim alike.
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 RULE = ("confirmed only when every paired 95 % interval lies above 0, contradicted when any "
         "lies below, not shown otherwise (and with one seed, which gives no interval)")
@@ -43,3 +45,23 @@ def verdict(diffs: dict[str, list[float]], scale: float = 1.0) -> tuple[str, lis
     if "behind" in positions:
         return "contradicted", lines
     return ("confirmed" if set(positions) == {"ahead"} else "not shown"), lines
+
+
+def seed_table(rows: list[tuple[str, str]], runs: list[Path],
+               accuracies: list[dict[str, float | None]]) -> str:
+    """Markdown: one line per (stage, what it is) of ``rows``, one column per run directory
+    (a seed) with its held-out accuracy, then the mean and sample standard deviation over the
+    seeds where the stage has finished ("-" where it has not, or too few have)."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f} %"
+
+    head = " | ".join(run.name for run in runs)
+    lines = [f"| stage | model | {head} | mean | std |", "|---|---|" + "---:|" * (len(runs) + 2)]
+    for stage, what in rows:
+        values = [a[stage] for a in accuracies]
+        known = [v for v in values if v is not None]
+        mean = pct(statistics.mean(known)) if known else "-"
+        std = f"{100 * statistics.stdev(known):.2f}" if len(known) > 1 else "-"
+        lines.append(f"| `{stage}` | {what} | " + " | ".join(pct(v) for v in values)
+                     + f" | {mean} | {std} |")
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from paired_claims import RULE, verdict
+from paired_claims import RULE, seed_table, verdict
 
 ROWS = [  # stage, what it is (all fine-tunings: 150 steps with labels)
     ("teacher", "teacher: ViT 96 x 4, trained with labels (300 steps)"),
@@ -42,27 +42,10 @@ def accuracies(run: Path) -> dict[str, float | None]:
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None where too few values)."""
-    mean = statistics.mean(values) if values else None
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return mean, std
-
-
-def fmt(value: float | None, suffix: str = " %") -> str:
-    return "-" if value is None else f"{value:.2f}{suffix}"
-
-
 def report(runs: list[Path]) -> str:
     accs = [accuracies(run) for run in runs]
-    head = " | ".join(run.name for run in runs)
-    lines = [f"| stage | model | {head} | mean | std |", "|---|---|" + "---:|" * (len(runs) + 2)]
-    for stage, what in ROWS:
-        values = [None if a[stage] is None else 100 * a[stage] for a in accs]
-        mean, std = mean_std([v for v in values if v is not None])
-        lines.append(f"| `{stage}` | {what} | " + " | ".join(fmt(v) for v in values)
-                     + f" | {fmt(mean)} | {fmt(std, '')} |")
-    text = "\n".join(lines) + "\n\nPaired differences (points, the claimed winner minus the other, per seed):\n\n"
+    text = (seed_table(ROWS, runs, accs) + "\n\nPaired differences (points, the claimed winner "
+            "minus the other, per seed):\n\n")
     for name, winner, other in CLAIMS:
         pairs = [(run.name, 100 * (a[winner] - a[other])) for run, a in zip(runs, accs)
                  if a[winner] is not None and a[other] is not None]
@@ -70,7 +53,7 @@ def report(runs: list[Path]) -> str:
             text += f"- {name}: no verdict (the stages have not finished)\n"
             continue
         differences = [d for _, d in pairs]
-        _, std = mean_std(differences)
+        std = statistics.stdev(differences) if len(differences) > 1 else None
         per_seed = ", ".join(f"{seed} {d:+.2f}" for seed, d in pairs)
         claim, lines = verdict({other: differences})
         text += (f"- {name} (`{winner}` - `{other}`): {per_seed}"

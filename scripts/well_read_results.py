@@ -12,11 +12,10 @@ The text is also written to the first directory's results.md.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from paired_claims import RULE, verdict
+from paired_claims import RULE, seed_table, verdict
 
 ROWS = [  # stage, what it is
     ("teacher", "teacher: MiniLM-L6 (6 x 384) fine-tuned on the labelled split"),
@@ -39,22 +38,9 @@ def accuracies(run: Path) -> dict[str, float | None]:
     return out
 
 
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
-
-
 def report(runs: list[Path]) -> str:
     accs = [accuracies(run) for run in runs]
-    head = " | ".join(run.name for run in runs)
-    lines = [f"| stage | model | {head} | mean | std |", "|---|---|" + "---:|" * (len(runs) + 2)]
-    for stage, what in ROWS:
-        values = [a[stage] for a in accs]
-        known = [v for v in values if v is not None]
-        mean = pct(statistics.mean(known)) if known else "-"
-        std = f"{100 * statistics.stdev(known):.2f}" if len(known) > 1 else "-"
-        lines.append(f"| `{stage}` | {what} | " + " | ".join(pct(v) for v in values)
-                     + f" | {mean} | {std} |")
-    text = "\n".join(lines) + "\n\n"
+    text = seed_table(ROWS, runs, accs) + "\n\n"
     if any(a[stage] is None for a in accs for stage in (PD, *BASELINES)):
         return text + "Not all stages have finished: no verdict.\n"
     diffs = {baseline: [a[PD] - a[baseline] for a in accs] for baseline in BASELINES}

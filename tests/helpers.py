@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -354,6 +355,14 @@ def script_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_stage_accuracies(run: Path, accuracies: dict[str, float]) -> None:
+    """RUN/STAGE/export/metrics.json with each stage's held-out accuracy, as a finished
+    stage's export leaves it (what the recipes' results scripts read)."""
+    for stage, accuracy in accuracies.items():
+        (run / stage / "export").mkdir(parents=True)
+        (run / stage / "export" / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
 
 
 def bert_encoder_dir(directory: Path, vocab_size: int, **config) -> Path:

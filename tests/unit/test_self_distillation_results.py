@@ -4,11 +4,9 @@ only when both paired 95 % t intervals lie above 0, contradicted when either lie
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from helpers import script_module
+from helpers import script_module, write_stage_accuracies
 
 STAGES = ("finetune_initial", "finetune_further", "finetune_selfdist")
 
@@ -16,10 +14,8 @@ STAGES = ("finetune_initial", "finetune_further", "finetune_selfdist")
 def write_run(run, per_seed):
     """per_seed: one (initial, further, selfdist) accuracy triple per seed."""
     for seed, triple in enumerate(per_seed):
-        for stage, accuracy in zip(STAGES, triple):
-            export = run / (stage if seed == 0 else f"{stage}_seed{seed}") / "export"
-            export.mkdir(parents=True)
-            (export / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+        write_stage_accuracies(run, {stage if seed == 0 else f"{stage}_seed{seed}": accuracy
+                                     for stage, accuracy in zip(STAGES, triple)})
 
 
 def claim(text: str) -> str:

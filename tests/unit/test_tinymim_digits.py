@@ -5,15 +5,7 @@ by the paired 95 % intervals of scripts/paired_claims.py."""
 
 from __future__ import annotations
 
-import json
-
-from helpers import ROOT, check_in_process, script_module
-
-
-def write_run(run, accuracies):
-    for stage, accuracy in accuracies.items():
-        (run / stage / "export").mkdir(parents=True)
-        (run / stage / "export" / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+from helpers import ROOT, check_in_process, script_module, write_stage_accuracies
 
 
 def test_mean_std_paired_differences_and_verdicts(tmp_path):
@@ -22,9 +14,9 @@ def test_mean_std_paired_differences_and_verdicts(tmp_path):
     # but behind in seed1, so its interval spans 0.
     arms = [(0.80, 0.70, 0.60, 0.50), (0.75, 0.67, 0.54, 0.56), (0.78, 0.69, 0.58, 0.54)]
     for seed, (rel, feat, chain, direct) in enumerate(arms):
-        write_run(tmp_path / f"seed{seed}", {"rel_finetune": rel, "feat_finetune": feat,
-                                             "chain_small_finetune": chain,
-                                             "direct_small_finetune": direct})
+        write_stage_accuracies(tmp_path / f"seed{seed}", {
+            "rel_finetune": rel, "feat_finetune": feat,
+            "chain_small_finetune": chain, "direct_small_finetune": direct})
     text = results.report([tmp_path / f"seed{seed}" for seed in range(3)])
 
     rel_row = next(line for line in text.splitlines() if line.startswith("| `rel_finetune`"))
@@ -39,7 +31,7 @@ def test_mean_std_paired_differences_and_verdicts(tmp_path):
 
 def test_no_verdict_before_the_stages_finish(tmp_path):
     results = script_module("tinymim_digits_results")
-    write_run(tmp_path / "seed0", {"rel_finetune": 0.80})
+    write_stage_accuracies(tmp_path / "seed0", {"rel_finetune": 0.80})
     text = results.report([tmp_path / "seed0"])
     assert text.count("no verdict (the stages have not finished)") == 2
 

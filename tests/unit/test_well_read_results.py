@@ -4,15 +4,7 @@ paired 95 % intervals (scripts/paired_claims.py)."""
 
 from __future__ import annotations
 
-import json
-
-from helpers import script_module
-
-
-def write_run(run, accuracies):
-    for stage, accuracy in accuracies.items():
-        (run / stage / "export").mkdir(parents=True)
-        (run / stage / "export" / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+from helpers import script_module, write_stage_accuracies
 
 
 def test_seeds_mean_std_paired_differences_and_verdict(tmp_path):
@@ -22,8 +14,8 @@ def test_seeds_mean_std_paired_differences_and_verdict(tmp_path):
     for seed, (pd, finetune, scratch) in enumerate([(0.6495, 0.6535, 0.5620),
                                                     (0.6605, 0.6485, 0.5870),
                                                     (0.6635, 0.6425, 0.5950)]):
-        write_run(tmp_path / f"seed{seed}", {"l3_pd_finetune": pd, "l3_finetune": finetune,
-                                             "l3_scratch_distil_finetune": scratch})
+        write_stage_accuracies(tmp_path / f"seed{seed}", {
+            "l3_pd_finetune": pd, "l3_finetune": finetune, "l3_scratch_distil_finetune": scratch})
     text = results.report([tmp_path / f"seed{seed}" for seed in range(3)])
     pd_row = next(line for line in text.splitlines() if line.startswith("| `l3_pd_finetune`"))
     assert "| 64.95 % | 66.05 % | 66.35 % | 65.78 % | 0.74 |" in pd_row
@@ -37,8 +29,8 @@ def test_seeds_mean_std_paired_differences_and_verdict(tmp_path):
 
 def test_one_seed_or_unfinished_stages_give_no_verdict(tmp_path):
     results = script_module("well_read_results")
-    write_run(tmp_path / "seed0", {"l3_pd_finetune": 0.70, "l3_finetune": 0.60,
-                                   "l3_scratch_distil_finetune": 0.50})
+    write_stage_accuracies(tmp_path / "seed0", {"l3_pd_finetune": 0.70, "l3_finetune": 0.60,
+                                                "l3_scratch_distil_finetune": 0.50})
     assert "is **not shown** here" in results.report([tmp_path / "seed0"])
-    write_run(tmp_path / "seed1", {"l3_pd_finetune": 0.70})
+    write_stage_accuracies(tmp_path / "seed1", {"l3_pd_finetune": 0.70})
     assert "Not all stages have finished: no verdict." in results.report([tmp_path / "seed1"])
