@@ -26,7 +26,9 @@ def index_classes(url) -> int | None:
 def check_labels(stage: StageSpec, here: str, models: ModelSummary, problems: Problems) -> None:
     predicted = models.num_classes
     uses = [("train", stage.data.train)] if any(o.needs_labels for o in stage.objectives) else []
-    if stage.eval is not None:
+    # Only a head scores the held-out labels; a stage that trains none is evaluated by kNN
+    # of its features (and its held-out loss), where the labels only vote.
+    if stage.eval is not None and any(o.trains_classifier for o in stage.objectives):
         uses.append(("eval", stage.data.eval))
     for key, url in uses:
         classes = index_classes(url)
