@@ -211,6 +211,10 @@ class EvalSpec(Strict):
     knn_k: int = Field(20, ge=1, description="neighbours of the kNN accuracy (stages that "
                                                "train no classifier)")
     knn_temperature: float = Field(0.07, gt=0.0, description="kNN vote weight exp(cos / T)")
+    loss: bool = Field(False, description="also the held-out value of each objective that needs "
+                                          "no teacher (mae, mlm, cross_entropy), each sample "
+                                          "masked alike at every evaluation: a pre-training "
+                                          "stage's validation loss, which shows over-fitting")
 
 
 def _objective_union():
@@ -239,6 +243,10 @@ class StageSpec(Strict):
         needing = [o.label for o in self.objectives if o.needs_teacher]
         if needing and self.teacher is None:
             raise ValueError(f"objectives {needing} need a teacher; add a 'teacher' section")
+        if self.eval is not None and self.eval.loss and len(needing) == len(self.objectives):
+            raise ValueError(f"eval.loss: every objective of the stage ({needing}) reads the "
+                             f"teacher, and the held-out loss covers only those that need none "
+                             f"(mae, mlm, cross_entropy); set eval.loss: false")
         return self
 
 

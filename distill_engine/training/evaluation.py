@@ -8,6 +8,12 @@
   held-out split's features against the training split's (DINO's weighted kNN: cosine
   similarity, k neighbours, each voting exp(similarity / T) for its label; k=20, T=0.07
   as in DINO), which needs no training of its own.
+- With ``eval.loss``, also the held-out value of each objective that needs no teacher
+  (``heldout/mae``, ``heldout/mlm``, ``heldout/cross_entropy``): a pre-training stage's
+  validation loss. Each held-out sample is masked by a seed derived from its key, so every
+  evaluation of the stage, at any world size and batch size, masks it alike and the curve
+  compares like with like: further pre-training that over-fits shows as this loss turning up
+  while the training loss keeps falling.
 
 ``data.eval`` alone turns evaluation on, at the end of the stage and every
 ``eval.every_steps`` steps if set; ``eval: null`` turns it off. Every rank evaluates its
@@ -26,7 +32,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_shards import EvalStream, ViewConfig, ViewsConfig
+from data_shards.keys import derive_seed
 from distill_engine.modeling.inputs import model_inputs, to_model
+from distill_engine.objectives import MASK_SEED
+from distill_engine.tensors import select_rows
 
 from .models import StudentModel
 
@@ -66,7 +75,14 @@ def describe(stage) -> str:
         what = (f"kNN accuracy of the frozen features (k={stage.eval.knn_k}, cosine, "
                 f"T={stage.eval.knn_temperature}; train split {stage.data.train} as "
                 f"neighbours): no objective trains the classifier")
+    if stage.eval.loss:
+        what = f"held-out {', '.join(heldout_terms(stage))} loss and {what}"
     return f"{what} on {stage.data.eval}, {' and '.join(when)}"
+
+
+def heldout_terms(stage) -> list[str]:
+    """The objectives whose held-out value ``eval.loss`` measures: those needing no teacher."""
+    return [o.label for o in stage.objectives if not o.needs_teacher]
 
 
 class Evaluation:
@@ -80,6 +96,7 @@ class Evaluation:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.views = test_views(stage.data.views)
         self.knn = not trains_classifier(stage)
+        self.loss_terms = heldout_terms(stage) if self.enabled and stage.eval.loss else []
 
     @property
     def enabled(self) -> bool:
@@ -95,20 +112,25 @@ class Evaluation:
 
     @torch.no_grad()
     def __call__(self, engine) -> dict[str, Any]:
-        """``{"accuracy": ...}`` (the head) or ``{"knn_accuracy": ...}``, and ``samples``."""
+        """``{"accuracy": ...}`` (the head) or ``{"knn_accuracy": ...}``, and ``samples``;
+        with ``eval.loss``, ``heldout/TERM`` too."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         engine.eval()
         try:
             with torch.random.fork_rng(devices=devices):
+                losses = self._heldout_loss(engine) if self.loss_terms else {}
                 result = self._knn(engine) if self.knn else self._head(engine)
         finally:
             engine.train()
+        if losses:
+            log.info("%s: held-out loss %s", self.stage.name,
+                     ", ".join(f"{k.removeprefix('heldout/')} {v:.4f}" for k, v in losses.items()))
         if result:
             name = "kNN accuracy" if self.knn else "held-out accuracy"
             value = result.get("knn_accuracy", result.get("accuracy"))
             log.info("%s: %s %.2f%% on %d samples", self.stage.name, name, 100 * value,
                      result["samples"])
-        return result
+        return {**losses, **result}
 
     def _stream(self, urls) -> EvalStream:
         return EvalStream(urls, batch_size=self.stage.eval.batch_size, rank=self.rank,
@@ -132,11 +154,35 @@ class Evaluation:
             counts[1] += valid.sum()
         return self._accuracy("accuracy", self._sum(counts))
 
+    def _heldout_loss(self, engine) -> dict[str, float]:
+        """Each teacher-free objective's mean over the held-out split, padding left out. A
+        batch's value weighs by its samples: the exact mean for MAE (every sample has as
+        many masked patches), the sample-weighted mean of batch means for MLM."""
+        sums = torch.zeros(len(self.loss_terms) + 1, dtype=torch.float64)
+        for batch in self._stream(self.stage.data.eval):
+            valid = batch["valid"]
+            count = int(valid.sum())
+            if count:  # a batch of padding alone still runs: the other ranks' gathers wait on it
+                batch = select_rows(batch, valid)
+            batch[MASK_SEED] = torch.tensor([derive_seed("heldout", key) for key in batch["key"]])
+            batch = to_model(batch, self.device, torch.float32)
+            # The mask comes from each sample's seed; the generator only names the device.
+            batch = engine.module.prepare(batch, torch.Generator(self.device))
+            terms = engine(StudentModel.teacherless_terms, self._inputs(batch), batch)
+            if count:
+                values = torch.stack([terms[name].detach().double().cpu() for name in self.loss_terms])
+                sums += torch.cat([values * count, torch.tensor([float(count)], dtype=torch.float64)])
+        sums = self._sum(sums)
+        if not sums[-1]:
+            return {}
+        return {f"heldout/{name}": (sums[i] / sums[-1]).item() for i, name in enumerate(self.loss_terms)}
+
     def _knn(self, engine) -> dict[str, Any]:
         train = self._features(engine, self.stage.data.train)
         test = self._features(engine, self.stage.data.eval)
         if train is None or test is None:
-            return self._unlabelled()
+            # Unlabelled pre-training text: the held-out loss, when asked for, is the measure.
+            return {} if self.loss_terms else self._unlabelled()
         # Every rank needs every training feature as a neighbour; each classifies its own
         # share of the held-out split.
         train_features, train_labels = (self._gather(t) for t in train)

@@ -68,8 +68,9 @@ class LocalTeacher(nn.Module):
 class StudentModel(TappedModel):
     """The student and the objectives (with their heads) in one root module.
 
-    Four entry points, each a method: ``loss`` (training), ``output`` (evaluation of a
-    head), ``taps`` (the probe beside an export), ``features`` (kNN evaluation). The
+    Five entry points, each a method: ``loss`` (training), ``output`` (evaluation of a
+    head), ``taps`` (the probe beside an export), ``features`` (kNN evaluation),
+    ``teacherless_terms`` (the held-out loss evaluation). The
     engine calls only ``forward``, so each is reached through it, named by the method
     itself: ``engine(StudentModel.loss, inputs, teacher_taps, batch)``.
     """
@@ -111,6 +112,13 @@ class StudentModel(TappedModel):
             total = total + 0.0 * output.float().sum()
         return total, terms
 
+    def teacherless_terms(self, inputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The unweighted term of each objective that needs no teacher (mae, mlm,
+        cross_entropy), from one pass: what the held-out loss evaluation measures."""
+        student_taps = self.tapped_pass(inputs)
+        return {o.config.label: o(student_taps, {}, batch, self.tapped_pass)
+                for o in self.objectives if not o.config.needs_teacher}
+
     def output(self, inputs: Any) -> torch.Tensor:
         """The model's output tensor (logits for a classifier)."""
         return self.family.output_tensor(self.family.forward(self.model, inputs))
@@ -125,4 +133,4 @@ class StudentModel(TappedModel):
 
 
 StudentModel.ENTRY_POINTS = (StudentModel.loss, StudentModel.output, StudentModel.taps,
-                             StudentModel.features)
+                             StudentModel.features, StudentModel.teacherless_terms)

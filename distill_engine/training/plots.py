@@ -25,13 +25,15 @@ EVAL_LABELS = {"accuracy": "held-out accuracy (head)", "knn_accuracy": "kNN accu
 
 def plot_losses(stage_dir: Path, png: Path, title: str) -> Path | None:
     """Loss (each point averaged over a logging interval; every term when there are
-    several), learning rate, and the evaluations of ``eval.jsonl``, against the step."""
+    several; the held-out loss of ``eval.loss`` beside it), learning rate, and the
+    evaluations of ``eval.jsonl``, against the step."""
     records = read_metrics(stage_dir / "metrics.jsonl")
     if not records:
         return None
     evaluations = read_metrics(stage_dir / "eval.jsonl")
     plt = _pyplot(png.parent)
-    panels = 3 if evaluations else 2
+    accuracies = any(key in e for e in evaluations for key in EVAL_LABELS)
+    panels = 3 if accuracies else 2
     fig, axes = plt.subplots(panels, 1, figsize=(7, 2.6 * panels), sharex=True)
     steps = [r["step"] for r in records]
     ax = axes[0]
@@ -40,12 +42,16 @@ def plot_losses(stage_dir: Path, png: Path, title: str) -> Path | None:
     if len(terms) > 1:
         for term in terms:
             ax.plot(steps, [r[f"loss/{term}"] for r in records], label=term, alpha=0.7)
+    for key in sorted({k for e in evaluations for k in e if k.startswith("heldout/")}):
+        points = [(e["step"], e[key]) for e in evaluations if key in e]
+        ax.plot(*zip(*points), marker="s", linestyle="--",
+                label=f"held-out {key.removeprefix('heldout/')}")
     ax.set_ylabel("loss (interval mean)")
     ax.set_title(title)
     ax.legend()
     axes[1].plot(steps, [r["lr"] for r in records], color="tab:green")
     axes[1].set_ylabel("learning rate")
-    if evaluations:
+    if accuracies:
         for key, label in EVAL_LABELS.items():
             points = [(e["step"], 100 * e[key]) for e in evaluations if key in e]
             if points:

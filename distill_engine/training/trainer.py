@@ -361,7 +361,7 @@ class StageTrainer:
     def finish(self, first_loss: float | None, evaluated: dict[str, Any]) -> dict[str, Any]:
         """Exports the student (in its family's format), the probe, the resolved spec and
         the metrics (with the last evaluation: ``accuracy`` of the head, or ``knn_accuracy``
-        of the features)."""
+        of the features, and ``heldout/TERM`` losses where ``eval.loss`` asked for them)."""
         plan = self.plan
         probe = self.probe()
         extra = {"stage": self.spec.name, "spec": fingerprint.of_stage(plan),
@@ -381,6 +381,7 @@ class StageTrainer:
             "student": plan.student.arch, "steps": self.total_steps,
             "first_loss": first_loss, "last_loss": None,
             "accuracy": evaluated.get("accuracy"), "knn_accuracy": evaluated.get("knn_accuracy"),
+            **{key: value for key, value in evaluated.items() if key.startswith("heldout/")},
             "export": str(plan.export_dir / "model.safetensors"),
             # Wall-clock of this run of the stage (set-up, training, evaluation, export); a
             # resumed stage counts its last run only.

@@ -77,6 +77,12 @@ def test_self_distillation_trains_mlm_and_hidden_against_the_further_pretrained_
     # The teacher keeps its encoder only; both pre-training students load the initial model's
     # file whole, head included: only the three fine-tunings start anything fresh.
     assert "teacher pruned after its deepest tap: removed cls" in output
+    # eval.loss: both pre-training stages end with their masked-LM loss on the held-out
+    # sentences (unlabelled transfer text: no kNN, and no warning about it).
+    for stage in ("further", "selfdist"):
+        heldout = summary(run, stage)["heldout/mlm"]
+        assert math.isfinite(heldout) and heldout > 0, (stage, heldout)
+    assert "carry no labels" not in output
     assert "".join(output.split()).count("startfresh(notin") == len(ORIGINS)
 
 
