@@ -6,9 +6,14 @@ Not the engine: the job is what the results table reports; this only picks its s
     python scripts/self_distillation_explore.py probe --steps 1600 --every 200 --save /tmp/initial.pt
     python scripts/self_distillation_explore.py probe --init runs/self-distillation/initial/export/model.safetensors
     python scripts/self_distillation_explore.py finetune --init random --ft-steps 100 --ft-lr 2e-3
-    python scripts/self_distillation_explore.py chain --init /tmp/initial.pt --further-steps 1000
+    # does further pre-training over-fit? the held-out MAE every 100 steps, then the fine-tunings
+    python scripts/self_distillation_explore.py chain --init runs/self-distillation/initial/export/model.safetensors \
+        --target fewshot/train --labelled fewshot/train --no-augment --further-steps 2000 --every 100 \
+        --ft-steps 300 --ft-lr 2e-3
 
-Reads the job's shards (data/selfdist/*, packed by scripts/self_distillation.sh).
+Reads the job's shards (data/selfdist/*, packed by scripts/self_distillation.sh); ``--target``
+and ``--labelled`` name other splits packed the same way (``--max-per-class 20`` into
+data/selfdist/labelled, say).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def mae_model(seed: int, **overrides) -> ViTMAEForPreTraining:
 
 
 def batches(n: int, batch: int, generator: torch.Generator):
+    batch = min(batch, n)  # a split smaller than a batch: every step sees all of it
     while True:
         for chunk in torch.randperm(n, generator=generator).split(batch):
             if len(chunk) == batch:
@@ -91,7 +97,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str) -> float
 
 
 def pretrain(model, images, steps, lr, seed, mask_ratio=0.75, teacher=None, weight=1.0,
-             batch=64, heldout=None, every=0, on_log=None):
+             batch=64, heldout=None, every=0, on_log=None, augment=True):
     model.config.mask_ratio = mask_ratio
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -101,7 +107,7 @@ def pretrain(model, images, steps, lr, seed, mask_ratio=0.75, teacher=None, weig
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, 0, "linear")
-        x = train_view(images[next(order)], generator)
+        x = train_view(images[next(order)], generator) if augment else test_view(images[next(order)])
         noise = torch.rand(x.shape[0], 36, generator=generator)
         loss = model(pixel_values=x, noise=noise).loss
         total = loss
@@ -202,6 +208,14 @@ def finetune(encoder_state, labelled, holdout, steps, lr, seed, warmup=None, bat
     return accuracy, losses
 
 
+def load_state(path: str) -> dict[str, torch.Tensor]:
+    """A state dict saved by ``probe --save`` (torch) or a job's export (safetensors)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, weights_only=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["probe", "finetune", "chain"])
@@ -217,17 +231,24 @@ def main() -> None:
     parser.add_argument("--further-steps", type=int, default=1000)
     parser.add_argument("--further-lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labelled", default="fewshot/train",
+                        help="the split (under data/selfdist) that fine-tuning trains on")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="further pre-training and self-distillation see the images as they "
+                             "are (resized), not random crops")
+    parser.add_argument("--target", default="fewshot/train",
+                        help="the split (under data/selfdist) that further pre-training and "
+                             "self-distillation train on")
     parser.add_argument("--every", type=int, default=100)
     args = parser.parse_args()
     start = time.time()
     source = load_split(f"data/selfdist/{args.source}")
-    target = load_split("data/selfdist/target/train")
-    labelled = load_split("data/selfdist/labelled/train")
+    target = load_split(f"data/selfdist/{args.target}")
+    labelled = load_split(f"data/selfdist/{args.labelled}")
     holdout = load_split("data/selfdist/target/holdout")
     if args.what == "probe" and args.init.endswith(".safetensors"):  # an export of the job
-        from safetensors.torch import load_file
         model = mae_model(0)
-        model.load_state_dict(load_file(args.init))
+        model.load_state_dict(load_state(args.init))
         print(f"{args.init} probe (cls, mean):", probe(model, labelled, holdout))
     elif args.what == "probe":
         model = mae_model(0, norm_pix_loss=bool(args.norm_pix))
@@ -240,21 +261,22 @@ def main() -> None:
         if args.save:
             torch.save(model.state_dict(), args.save)
     elif args.what == "finetune":
-        state = None if args.init == "random" else torch.load(args.init, weights_only=True)
+        state = None if args.init == "random" else load_state(args.init)
         acc, losses = finetune(state, labelled, holdout, args.ft_steps, args.ft_lr, args.seed, every=args.every)
         tail = losses[-max(1, len(losses) // 5):]
         print(f"finetune {args.init}: acc {acc:.4f}, last-20% loss mean {np.mean(tail):.4f} "
               f"min {min(tail):.4f} max {max(tail):.4f}, {time.time() - start:.0f} s")
     else:  # chain: further + selfdist from an initial, then the three fine-tunings
-        initial = torch.load(args.init, weights_only=True)
+        initial = load_state(args.init)
         further = mae_model(0, norm_pix_loss=bool(args.norm_pix)); further.load_state_dict(initial)
         print("initial heldout mae", heldout_mae(further, holdout[0]))
         pretrain(further, target[0], args.further_steps, args.further_lr, 100 + args.seed,
-                 args.mask, heldout=holdout[0], every=args.every)
+                 args.mask, heldout=holdout[0], every=args.every, augment=not args.no_augment)
         student = mae_model(0, norm_pix_loss=bool(args.norm_pix)); student.load_state_dict(initial)
         further.eval()
         pretrain(student, target[0], args.further_steps, args.further_lr, 200 + args.seed,
-                 args.mask, teacher=further, heldout=holdout[0], every=args.every)
+                 args.mask, teacher=further, heldout=holdout[0], every=args.every,
+                 augment=not args.no_augment)
         for name, state in (("initial", initial), ("further", further.state_dict()),
                             ("selfdist", student.state_dict())):
             acc, losses = finetune(state, labelled, holdout, args.ft_steps, args.ft_lr, args.seed)
