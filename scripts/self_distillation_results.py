@@ -10,11 +10,12 @@ fine-tunings alike.
 Seed 0 is the job's own stages; seed k the same stages named ``NAME_seedk``
 (scripts/self_distillation.sh and self_distillation_text.sh run them). With ``--curves`` it
 also shows, per seed, what says whether the setting can answer: each fine-tuning's logged
-loss over its last 20 % of steps against the 20 % before (flat once converged), the
-self-distillation stage's hidden and MAE terms at its first and last logged step, and (images)
-the MAE loss of the initial, further pre-trained and self-distilled models on the target's
-held-out images (the same masks for all), which shows whether further pre-training
-over-fits the target's training images.
+loss over its last 20 % of steps against the 20 % before (flat once converged) and its last
+held-out accuracies, and the self-distillation stage's hidden and MAE terms at its first and
+last logged step. With ``--heldout`` (images), the held-out MAE that further pre-training and
+self-distillation logged along their steps (``eval.loss``), against the initial model's with
+the same masks, which shows whether further pre-training over-fits the target's training
+images.
 """
 
 from __future__ import annotations
@@ -75,12 +76,19 @@ def table(run: Path, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def evaluations(run: Path, stage: str) -> list[dict]:
+    path = run / stage / "eval.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def curves(run: Path, seeds: list[int]) -> str:
-    lines = ["", "Fine-tuning loss (the logged means), last 20 % of steps against the 20 % "
-             "before, and the self-distillation terms at the first and last logged step:", "",
+    lines = ["", "Fine-tuning: the logged training loss over the last 20 % of steps against the 20 % "
+             "before (flat once converged) and the held-out accuracy of the last three "
+             "evaluations; self-distillation's terms at its first and last logged step:", "",
              "| seed | stage | loss, steps 61-80 % | loss, last 20 % | change | "
-             "selfdist hidden first -> last | selfdist MAE / MLM first -> last |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "last held-out accuracies | selfdist hidden first -> last | "
+             "selfdist MAE / MLM first -> last |",
+             "|---:|---|---:|---:|---:|---|---:|---:|"]
     for seed in seeds:
         sd = records(run, named("selfdist", seed))
         masked = "loss/mae" if "loss/mae" in sd[0] else "loss/mlm"   # images or text
@@ -91,50 +99,66 @@ def curves(run: Path, seeds: list[int]) -> str:
             last = rows[-1]["step"]
             window = lambda lo, hi: [r["loss"] for r in rows if lo * last < r["step"] <= hi * last]
             before, end = statistics.mean(window(0.6, 0.8)), statistics.mean(window(0.8, 1.0))
-            lines.append(f"| {seed} | {stage} | {before:.4f} | {end:.4f} | "
-                         f"{100 * (end - before) / before:+.0f} % | {terms[0]} | {terms[1]} |")
+            accuracies = [f"{100 * e['accuracy']:.2f}" for e in evaluations(run, named(stage, seed))
+                          if "accuracy" in e][-3:]
+            lines.append(f"| {seed} | {stage} | {before:.4f} | {end:.4f} | {end - before:+.4f} | "
+                         f"{' / '.join(accuracies) or '-'} | {terms[0]} | {terms[1]} |")
     return "\n".join(lines)
 
 
-def heldout_mae(run: Path, seeds: list[int], holdout: Path) -> str:
-    """MAE loss of the pre-trained exports on the target's held-out images (resized, not
-    cropped), the same random masks for every model: falling means the model still learns
-    what generalises to the target; rising, that it over-fits the target's train images."""
-    import io
-    import tarfile
+def heldout_mae(run: Path, seeds: list[int]) -> str:
+    """The held-out MAE that further pre-training and self-distillation logged (``eval.loss``:
+    every held-out image masked alike at every evaluation), and the initial model's on the
+    same images with the same masks, computed from its export: the first value, the lowest
+    (and its step) and the last. Rising from its lowest while the training loss keeps
+    falling is over-fitting the target's training images."""
+    lines = ["", "| seed | stage | first | lowest (step) | last | last - lowest | "
+             "kNN first -> last |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for seed in seeds:
+        for stage in ("further", "selfdist"):
+            logged = [e for e in evaluations(run, named(stage, seed)) if "heldout/mae" in e]
+            if not logged:
+                continue
+            lowest = min(logged, key=lambda e: e["heldout/mae"])
+            knn = [e["knn_accuracy"] for e in logged if "knn_accuracy" in e]
+            lines.append(
+                f"| {seed} | {stage} | {logged[0]['heldout/mae']:.4f} | "
+                f"{lowest['heldout/mae']:.4f} ({lowest['step']}) | {logged[-1]['heldout/mae']:.4f} | "
+                f"{logged[-1]['heldout/mae'] - lowest['heldout/mae']:+.4f} | "
+                + (f"{100 * knn[0]:.2f} -> {100 * knn[-1]:.2f} % |" if knn else "- |"))
+    return "\n".join(lines)
 
-    import numpy as np
+
+def export_heldout_mae(run: Path, stage: str) -> float:
+    """A stage's exported MAE model on the held-out split that ``further`` evaluates on,
+    computed plainly (one process, every image in one batch) with the view and the per-key
+    masks of the engine's ``eval.loss``: the initial model's value, which no stage logs, and
+    a check of the logged ones."""
     import torch
-    import torch.nn.functional as F
-    from PIL import Image
+    import yaml
     from safetensors.torch import load_file
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    images = []
-    for shard in sorted(holdout.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in sorted((m for m in tar.getmembers() if m.name.endswith(".png")),
-                                 key=lambda m: m.name):
-                image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                images.append(torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1))
-    x = (F.interpolate(torch.stack(images), size=24, mode="bilinear", align_corners=False) - 0.5) / 0.5
-    noise = torch.rand(x.shape[0], 36, generator=torch.Generator().manual_seed(1234))
+    from data_shards import EvalStream, ViewsConfig
+    from data_shards.keys import derive_seed
+    from distill_engine.training.evaluation import test_views
 
-    def loss(stage: str) -> float:
-        folder = run / stage / "export"
-        model = ViTMAEForPreTraining(ViTMAEConfig.from_pretrained(folder)).eval()
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        model.config.mask_ratio = 0.75
-        with torch.no_grad():
-            return model(pixel_values=x, noise=noise).loss.item()
-
-    lines = ["", f"MAE loss on the {x.shape[0]} held-out target images (75 % masked, the same "
-             f"masks for every model): initial {loss('initial'):.4f}", "",
-             "| seed | further | selfdist |", "|---:|---:|---:|"]
-    for seed in seeds:
-        lines.append(f"| {seed} | {loss(named('further', seed)):.4f} | "
-                     f"{loss(named('selfdist', seed)):.4f} |")
-    return "\n".join(lines)
+    further = yaml.safe_load((run / "further" / "export" / "spec.yaml").read_text())
+    data = further["data"]
+    folder = run / stage / "export"
+    model = ViTMAEForPreTraining(ViTMAEConfig.from_pretrained(folder)).eval()
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.config.mask_ratio = next(o["mask_ratio"] for o in further["objectives"]
+                                   if o["kind"] == "mae")
+    (batch,) = EvalStream(data["eval"], batch_size=100_000, rank=0, world_size=1,
+                          views=test_views(ViewsConfig.model_validate(data["views"])))
+    valid = batch["valid"]
+    patches = (model.config.image_size // model.config.patch_size) ** 2
+    noise = torch.stack([torch.rand(patches, generator=torch.Generator().manual_seed(
+        derive_seed("heldout", key))).argsort()
+        for key, kept in zip(batch["key"], valid.tolist()) if kept])
+    with torch.no_grad():
+        return model(pixel_values=batch["image"][valid], noise=noise).loss.item()
 
 
 if __name__ == "__main__":
@@ -142,11 +166,14 @@ if __name__ == "__main__":
     parser.add_argument("run", type=Path)
     parser.add_argument("seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--curves", action="store_true")
-    parser.add_argument("--heldout", type=Path, default=None,
-                        help="image shards for the MAE loss of the pre-trained models")
+    parser.add_argument("--heldout", action="store_true",
+                        help="(images) the held-out MAE curves of further pre-training and "
+                             "self-distillation, and the initial model's")
     args = parser.parse_args()
     print(table(args.run, args.seeds))
     if args.curves:
         print(curves(args.run, args.seeds))
     if args.heldout:
-        print(heldout_mae(args.run, args.seeds, args.heldout))
+        print(f"\nHeld-out MAE (the target's held-out images, each masked by its key): initial "
+              f"model {export_heldout_mae(args.run, 'initial'):.4f}")
+        print(heldout_mae(args.run, args.seeds))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, pack_digits, run_deepspeed
+from helpers import ROOT, pack_digits, run_deepspeed, script_module
 
 pytestmark = pytest.mark.distributed
 
@@ -106,16 +106,8 @@ def test_the_initial_mae_keeps_its_fixed_sin_cos_positions(job_run):
 def test_pretraining_logs_its_heldout_mae_with_every_sample_masked_by_its_key(job_run):
     """eval.loss: the held-out MAE of further pre-training, at every evaluation, on 2 ranks with
     padding rows, equals one plain pass of the export over the whole held-out split with
-    each image's mask drawn from its key; self-distillation logs its MAE term's alone."""
-    import torch
-    import yaml
-    from safetensors.torch import load_file
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    from data_shards import EvalStream, ViewsConfig
-    from data_shards.keys import derive_seed
-    from distill_engine.training.evaluation import test_views
-
+    each image's mask drawn from its key (scripts/self_distillation_results.py, which also
+    gives the initial model's value so); self-distillation logs its MAE term's alone."""
     run, _, _ = job_run
     further = [json.loads(line) for line in (run / "further" / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in further] == [1, 2, 3]
@@ -123,21 +115,7 @@ def test_pretraining_logs_its_heldout_mae_with_every_sample_masked_by_its_key(jo
     assert summary(run, "further")["heldout/mae"] == further[-1]["heldout/mae"]
     selfdist = [json.loads(line) for line in (run / "selfdist" / "eval.jsonl").read_text().splitlines()]
     assert selfdist and all("heldout/mae" in e and "heldout/hidden" not in e for e in selfdist)
-
-    export = run / "further" / "export"
-    model = ViTMAEForPreTraining(ViTMAEConfig.from_pretrained(export)).eval()
-    model.load_state_dict(load_file(str(export / "model.safetensors")))
-    model.config.mask_ratio = 0.75
-    data = yaml.safe_load((export / "spec.yaml").read_text())["data"]
-    (batch,) = EvalStream(data["eval"], batch_size=1000, rank=0, world_size=1,
-                          views=test_views(ViewsConfig.model_validate(data["views"])))
-    valid = batch["valid"]
-    keys = [key for key, kept in zip(batch["key"], valid.tolist()) if kept]
-    assert len(keys) > 100
-    noise = torch.stack([torch.rand(36, generator=torch.Generator().manual_seed(
-        derive_seed("heldout", key))).argsort() for key in keys])
-    with torch.no_grad():
-        plain = model(pixel_values=batch["image"][valid], noise=noise).loss.item()
+    plain = script_module("self_distillation_results").export_heldout_mae(run, "further")
     assert further[-1]["heldout/mae"] == pytest.approx(plain, rel=1e-5)
 
 

@@ -4,6 +4,8 @@ only when both paired 95 % t intervals lie above 0, contradicted when either lie
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import script_module, write_stage_accuracies
@@ -52,3 +54,41 @@ def test_the_table_gives_each_seed_the_mean_the_std_and_the_paired_differences(t
     # t(0.975, 1 dof) = 12.706: +1.00 ± 12.706 * 8.485 / sqrt(2) = +1.00 ± 76.24 points.
     interval = next(line for line in lines if line.startswith("- minus `finetune_initial`"))
     assert "95 % interval -75.24 to +77.24" in interval
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_the_heldout_mae_table_finds_where_further_pretraining_turned_up(tmp_path):
+    """Over-fitting, as the table reports it: the held-out MAE's lowest value and step, and
+    how far the last one rose above it; a stage that never rose shows +0.0000."""
+    results = script_module("self_distillation_results")
+    write_jsonl(tmp_path / "further" / "eval.jsonl", [
+        {"step": 100, "heldout/mae": 0.40, "knn_accuracy": 0.30},
+        {"step": 200, "heldout/mae": 0.36, "knn_accuracy": 0.45},
+        {"step": 300, "heldout/mae": 0.39, "knn_accuracy": 0.40}])
+    write_jsonl(tmp_path / "selfdist" / "eval.jsonl", [
+        {"step": 100, "heldout/mae": 0.41}, {"step": 200, "heldout/mae": 0.38}])
+    lines = results.heldout_mae(tmp_path, [0]).splitlines()
+    assert "| 0 | further | 0.4000 | 0.3600 (200) | 0.3900 | +0.0300 | 30.00 -> 40.00 % |" in lines
+    assert "| 0 | selfdist | 0.4100 | 0.3800 (200) | 0.3800 | +0.0000 | - |" in lines
+
+
+def test_the_curves_give_the_absolute_change_and_the_last_heldout_accuracies(tmp_path):
+    results = script_module("self_distillation_results")
+    write_jsonl(tmp_path / "selfdist" / "metrics.jsonl", [
+        {"step": 10, "loss/hidden": 12.0, "loss/mae": 0.5}, {"step": 20, "loss/hidden": 0.01, "loss/mae": 0.3}])
+    for stage in STAGES:
+        # 10 logged points: steps 61-80 % hold 0.30 and 0.20, the last 20 % 0.11 and 0.09.
+        losses = [1.5, 1.2, 1.0, 0.8, 0.6, 0.4, 0.3, 0.2, 0.11, 0.09]
+        write_jsonl(tmp_path / stage / "metrics.jsonl",
+                    [{"step": 10 * (i + 1), "loss": loss} for i, loss in enumerate(losses)])
+        write_jsonl(tmp_path / stage / "eval.jsonl",
+                    [{"step": step, "accuracy": acc} for step, acc in
+                     ((25, 0.5), (50, 0.8), (75, 0.85), (100, 0.86))])
+    lines = results.curves(tmp_path, [0]).splitlines()
+    row = next(line for line in lines if line.startswith("| 0 | finetune_initial"))
+    assert row == ("| 0 | finetune_initial | 0.2500 | 0.1000 | -0.1500 | 80.00 / 85.00 / 86.00 | "
+                   "12.000 -> 0.0100 | 0.500 -> 0.300 |")
