@@ -16,13 +16,14 @@ SPEC=jobs/self_distillation.yaml
 RUN=${RUN:-runs/self-distillation}
 SEEDS=${SEEDS-0 1 2 3 4}
 # Source: digits 0-4 (the initial MAE only). Target: digits 5-9, relabelled 0-4, with a
-# held-out split; fine-tuning sees 20 labelled images per class of the target's train split.
+# held-out split; the target task's training set is 5 images per class of its train split
+# (further pre-training and self-distillation see them unlabelled, fine-tuning labelled).
 [ -f data/selfdist/source/index.json ] || python -m data_shards pack sklearn:digits \
   --classes 0,1,2,3,4 --out data/selfdist/source --no-progress
 [ -f data/selfdist/target/train/index.json ] || python -m data_shards pack sklearn:digits \
   --classes 5,6,7,8,9 --holdout 0.2 --out data/selfdist/target --no-progress
-[ -f data/selfdist/labelled/train/index.json ] || python -m data_shards pack sklearn:digits \
-  --classes 5,6,7,8,9 --holdout 0.2 --max-per-class 20 --out data/selfdist/labelled --no-progress
+[ -f data/selfdist/fewshot/train/index.json ] || python -m data_shards pack sklearn:digits \
+  --classes 5,6,7,8,9 --holdout 0.2 --max-per-class 5 --out data/selfdist/fewshot --no-progress
 
 start=$(date +%s)
 for seed in $SEEDS; do
@@ -33,5 +34,5 @@ for seed in $SEEDS; do
 done
 echo "self_distillation.sh: $(( $(date +%s) - start )) s"
 # shellcheck disable=SC2086
-python scripts/self_distillation_results.py "$RUN" $SEEDS --curves \
-  --heldout data/selfdist/target/holdout | tee "$RUN/results.md"
+python scripts/self_distillation_results.py "$RUN" $SEEDS --curves --heldout \
+  | tee "$RUN/results.md"
