@@ -34,7 +34,6 @@ def job_run(tmp_path_factory) -> tuple[Path, str, float]:
              "--set", f"stages.0.data.train={source}", "--set", "stages.0.optimisation.steps=6",
              *[arg for index in (1, 2) for arg in
                ("--set", f"stages.{index}.data.train={target / 'train'}",
-                "--set", f"stages.{index}.optimisation.steps=3",
                 "--set", f"stages.{index}.eval.every_steps=1")],
              *[arg for index in (3, 4, 5) for arg in
                ("--set", f"stages.{index}.optimisation.steps=3")]]
