@@ -27,6 +27,8 @@ from pathlib import Path
 
 from paired_claims import RULE, verdict
 
+from distill_engine.training.progress import read_metrics
+
 ROWS = [("finetune_initial", "fine-tune the initial model (baseline)"),
         ("finetune_further", "further pre-training, then fine-tune (baseline)"),
         ("finetune_selfdist", "further pre-training + self-distillation, then fine-tune")]
@@ -77,8 +79,7 @@ def table(run: Path, seeds: list[int]) -> str:
 
 
 def evaluations(run: Path, stage: str) -> list[dict]:
-    path = run / stage / "eval.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return read_metrics(run / stage / "eval.jsonl")  # none when the stage logged no evaluation
 
 
 def curves(run: Path, seeds: list[int]) -> str:
