@@ -109,31 +109,51 @@ def run_check(spec: Path, *extra: str, world_size: int = 2) -> subprocess.Comple
                           capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
 
 
+# Linux carries a process's resident high-water mark across exec, and a fork starts at its
+# parent's resident size: a command that pytest (gigabytes by then) starts directly would
+# report pytest's memory as its own. So the command is forked by a bare interpreter (a few
+# MB), which reaps it and writes its peak to the file named first.
+PEAK_OF_COMMAND = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as peak:
+    peak.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):  # end the same way
+    if os.WTERMSIG(status) == signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(args: list[str], timeout: int = 300,
                  stdin: str = "") -> tuple[int, str, str, int]:
     """Runs a command; returns its exit code, stdout, stderr and the peak resident memory
-    (bytes) of that process alone: ``os.wait4`` reports the resource usage of the one child
-    it reaps (the RUSAGE_CHILDREN total would include every earlier child of the session).
+    (bytes) of that process alone (``PEAK_OF_COMMAND`` measures it).
     ``stdin``: what the command reads there (a question asked on stdin gets this answer)."""
     import signal
     import tempfile
-    import threading
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
-            tempfile.TemporaryFile("w+") as answers:
+            tempfile.TemporaryFile("w+") as answers, tempfile.TemporaryDirectory() as work:
         answers.write(stdin)
         answers.seek(0)
-        child = subprocess.Popen(args, stdin=answers, stdout=out, stderr=err, text=True,
-                                 cwd=ROOT, env=env())
-        timer = threading.Timer(timeout, os.kill, (child.pid, signal.SIGKILL))
-        timer.start()
+        peak = Path(work) / "peak_kib"
+        # Its own session: a timeout kills the bare interpreter and the command together.
+        child = subprocess.Popen([sys.executable, "-S", "-c", PEAK_OF_COMMAND, str(peak), *args],
+                                 stdin=answers, stdout=out, stderr=err, text=True, cwd=ROOT,
+                                 env=env(), start_new_session=True)
         try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-        child.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         out.seek(0)
         err.seek(0)
-        return child.returncode, out.read(), err.read(), usage.ru_maxrss * 1024  # kB on Linux
+        peak_kib = int(peak.read_text()) if peak.exists() else 0  # kB on Linux
+        return child.returncode, out.read(), err.read(), peak_kib * 1024
 
 
 def run_check_measured(spec: Path, *extra: str, world_size: int = 2,
