@@ -12,10 +12,10 @@ Seed 0 is the job's own stages; seed k the same stages named ``NAME_seedk``
 also shows, per seed, what says whether the setting can answer: each fine-tuning's logged
 loss over its last 20 % of steps against the 20 % before (flat once converged) and its last
 held-out accuracies, and the self-distillation stage's hidden and MAE terms at its first and
-last logged step. With ``--heldout`` (images), the held-out MAE that further pre-training and
-self-distillation logged along their steps (``eval.loss``), against the initial model's with
-the same masks, which shows whether further pre-training over-fits the target's training
-images.
+last logged step. With ``--heldout``, the held-out MAE (images) or masked-LM loss (text) that
+further pre-training and self-distillation logged along their steps (``eval.loss``), with the
+training loss beside it (for images also the initial model's MAE with the same masks), which
+shows whether further pre-training over-fits the target's training samples.
 """
 
 from __future__ import annotations
@@ -107,25 +107,34 @@ def curves(run: Path, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def heldout_mae(run: Path, seeds: list[int]) -> str:
-    """The held-out MAE that further pre-training and self-distillation logged (``eval.loss``:
-    every held-out image masked alike at every evaluation), and the initial model's on the
-    same images with the same masks, computed from its export: the first value, the lowest
-    (and its step) and the last. Rising from its lowest while the training loss keeps
-    falling is over-fitting the target's training images."""
+def heldout_losses(run: Path, seeds: list[int]) -> str:
+    """The held-out masked loss that further pre-training and self-distillation logged
+    (``eval.loss``: MAE for images, masked LM for text, every held-out sample masked alike at
+    every evaluation): the first value, the lowest (and its step) and the last, beside the
+    training loss of the same objective when the held-out one was lowest and at the end.
+    Rising from its lowest while the training loss keeps falling is over-fitting the
+    target's training samples."""
     lines = ["", "| seed | stage | first | lowest (step) | last | last - lowest | "
-             "kNN first -> last |", "|---:|---|---:|---:|---:|---:|---:|"]
+             "training loss at lowest -> last | kNN first -> last |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for seed in seeds:
         for stage in ("further", "selfdist"):
-            logged = [e for e in evaluations(run, named(stage, seed)) if "heldout/mae" in e]
-            if not logged:
+            logged = evaluations(run, named(stage, seed))
+            measure = next((k for k in ("heldout/mae", "heldout/mlm") if logged and k in logged[-1]),
+                           None)
+            if measure is None:
                 continue
-            lowest = min(logged, key=lambda e: e["heldout/mae"])
+            logged = [e for e in logged if measure in e]
+            lowest = min(logged, key=lambda e: e[measure])
+            term = "loss/" + measure.split("/")[1]
+            trained = [r for r in records(run, named(stage, seed)) if term in r]
+            at_lowest = [r for r in trained if r["step"] <= lowest["step"]] or trained[:1]
             knn = [e["knn_accuracy"] for e in logged if "knn_accuracy" in e]
             lines.append(
-                f"| {seed} | {stage} | {logged[0]['heldout/mae']:.4f} | "
-                f"{lowest['heldout/mae']:.4f} ({lowest['step']}) | {logged[-1]['heldout/mae']:.4f} | "
-                f"{logged[-1]['heldout/mae'] - lowest['heldout/mae']:+.4f} | "
+                f"| {seed} | {stage} | {logged[0][measure]:.4f} | "
+                f"{lowest[measure]:.4f} ({lowest['step']}) | {logged[-1][measure]:.4f} | "
+                f"{logged[-1][measure] - lowest[measure]:+.4f} | "
+                f"{at_lowest[-1][term]:.4f} -> {trained[-1][term]:.4f} | "
                 + (f"{100 * knn[0]:.2f} -> {100 * knn[-1]:.2f} % |" if knn else "- |"))
     return "\n".join(lines)
 
@@ -168,13 +177,14 @@ if __name__ == "__main__":
     parser.add_argument("seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--curves", action="store_true")
     parser.add_argument("--heldout", action="store_true",
-                        help="(images) the held-out MAE curves of further pre-training and "
-                             "self-distillation, and the initial model's")
+                        help="the held-out MAE or masked-LM curves of further pre-training and "
+                             "self-distillation (images: and the initial model's MAE)")
     args = parser.parse_args()
     print(table(args.run, args.seeds))
     if args.curves:
         print(curves(args.run, args.seeds))
     if args.heldout:
-        print(f"\nHeld-out MAE (the target's held-out images, each masked by its key): initial "
-              f"model {export_heldout_mae(args.run, 'initial'):.4f}")
-        print(heldout_mae(args.run, args.seeds))
+        print("\nHeld-out masked loss (each held-out sample masked by its key)")
+        if (args.run / "initial" / "export").is_dir():  # images: the initial MAE model's value
+            print(f"\nThe initial model's held-out MAE: {export_heldout_mae(args.run, 'initial'):.4f}")
+        print(heldout_losses(args.run, args.seeds))

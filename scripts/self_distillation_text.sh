@@ -17,6 +17,12 @@ RUN=${RUN:-runs/self-distillation-text}
 SEEDS=${SEEDS-0 1 2 3 4}
 DATA=data/well_read
 text_splits "$DATA"
+# The few-shot target (32 sentences per class of the labelled split) and the 300 test
+# sentences of the pre-training stages' held-out masked-LM loss.
+[ -f "$DATA/fewshot/index.json" ] || python -m data_shards pack "$DATA/labelled.jsonl" \
+  --out "$DATA/fewshot" --max-per-class 32 --seed 0 --no-progress
+[ -f "$DATA/test_mlm/index.json" ] || python -m data_shards pack "$DATA/test.jsonl" \
+  --out "$DATA/test_mlm" --max-per-class 100 --seed 0 --no-progress
 [ -f data/selfdist_text/initial/model.safetensors ] \
   || python scripts/initial_mlm_model.py "$DATA/minilm" data/selfdist_text/initial --seed 0
 
@@ -27,4 +33,4 @@ for seed in $SEEDS; do
 done
 echo "self_distillation_text.sh: $(( $(date +%s) - started )) s in all"
 # shellcheck disable=SC2086
-python scripts/self_distillation_results.py "$RUN" $SEEDS --curves | tee "$RUN/results.md"
+python scripts/self_distillation_results.py "$RUN" $SEEDS --curves --heldout | tee "$RUN/results.md"

@@ -26,8 +26,8 @@ ORIGINS = {"finetune_selfdist": "selfdist", "finetune_further": "further",
 
 def small_job(work: Path) -> dict:
     """The job's own stages, its paths pointing at toy data and a tiny initial model."""
-    data = tiny_text_splits(work / "data", {"labelled": (200, 0, True),
-                                            "transfer": (300, 1, False),
+    data = tiny_text_splits(work / "data", {"fewshot": (200, 0, True),
+                                            "test_mlm": (60, 1, True),
                                             "test": (100, 2, True)})
     tokenizer = tiny_tokenizer(data / "tokenizer")
     script_module("initial_mlm_model").initial_mlm_model(
@@ -78,10 +78,11 @@ def test_self_distillation_trains_mlm_and_hidden_against_the_further_pretrained_
     # file whole, head included: only the three fine-tunings start anything fresh.
     assert "teacher pruned after its deepest tap: removed cls" in output
     # eval.loss: both pre-training stages end with their masked-LM loss on the held-out
-    # sentences (unlabelled transfer text: no kNN, and no warning about it).
+    # sentences, and kNN beside it (they are labelled, as the training sentences are).
     for stage in ("further", "selfdist"):
         heldout = summary(run, stage)["heldout/mlm"]
         assert math.isfinite(heldout) and heldout > 0, (stage, heldout)
+        assert 0.0 <= summary(run, stage)["knn_accuracy"] <= 1.0, stage
     assert "carry no labels" not in output
     assert "".join(output.split()).count("startfresh(notin") == len(ORIGINS)
 
@@ -103,8 +104,8 @@ def test_every_finetuning_starts_from_its_encoder_with_a_fresh_classifier_and_po
 def test_the_results_table_names_the_three_methods_and_the_verdict(job_run):
     work, _ = job_run
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "self_distillation_results.py"),
-                             str(work / "run"), "0"], capture_output=True, text=True, env=env(),
-                            cwd=ROOT)
+                             str(work / "run"), "0", "--curves", "--heldout"],
+                            capture_output=True, text=True, env=env(), cwd=ROOT)
     assert result.returncode == 0, result.stderr
     accuracy = {stage: summary(work / "run", stage)["accuracy"] for stage in ORIGINS}
     for stage, value in accuracy.items():
@@ -112,3 +113,8 @@ def test_the_results_table_names_the_three_methods_and_the_verdict(job_run):
     # One seed has no interval, so no verdict either way.
     assert "The paper's claim (self-distillation beats both baselines) is **not shown**" \
         in result.stdout
+    # --heldout: the pre-training stages' held-out masked-LM loss (text has no initial MAE).
+    lowest = min(record["heldout/mlm"] for record in
+                 (json.loads(line) for line in (work / "run" / "further" / "eval.jsonl").open()))
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 0 | further |"))
+    assert f"| {lowest:.4f} (" in row, row

@@ -61,19 +61,27 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_the_heldout_mae_table_finds_where_further_pretraining_turned_up(tmp_path):
-    """Over-fitting, as the table reports it: the held-out MAE's lowest value and step, and
-    how far the last one rose above it; a stage that never rose shows +0.0000."""
+@pytest.mark.parametrize("term", ["mae", "mlm"])
+def test_the_heldout_table_finds_where_further_pretraining_turned_up(tmp_path, term):
+    """Over-fitting, as the table reports it: the held-out loss's lowest value and step, how
+    far the last one rose above it, and the training loss then and at the end; a stage that
+    never rose shows +0.0000. Images log MAE, text masked LM."""
     results = script_module("self_distillation_results")
     write_jsonl(tmp_path / "further" / "eval.jsonl", [
-        {"step": 100, "heldout/mae": 0.40, "knn_accuracy": 0.30},
-        {"step": 200, "heldout/mae": 0.36, "knn_accuracy": 0.45},
-        {"step": 300, "heldout/mae": 0.39, "knn_accuracy": 0.40}])
+        {"step": 100, f"heldout/{term}": 0.40, "knn_accuracy": 0.30},
+        {"step": 200, f"heldout/{term}": 0.36, "knn_accuracy": 0.45},
+        {"step": 300, f"heldout/{term}": 0.39, "knn_accuracy": 0.40}])
+    write_jsonl(tmp_path / "further" / "metrics.jsonl", [
+        {"step": 150, f"loss/{term}": 0.35}, {"step": 190, f"loss/{term}": 0.30},
+        {"step": 290, f"loss/{term}": 0.20}])
     write_jsonl(tmp_path / "selfdist" / "eval.jsonl", [
-        {"step": 100, "heldout/mae": 0.41}, {"step": 200, "heldout/mae": 0.38}])
-    lines = results.heldout_mae(tmp_path, [0]).splitlines()
-    assert "| 0 | further | 0.4000 | 0.3600 (200) | 0.3900 | +0.0300 | 30.00 -> 40.00 % |" in lines
-    assert "| 0 | selfdist | 0.4100 | 0.3800 (200) | 0.3800 | +0.0000 | - |" in lines
+        {"step": 100, f"heldout/{term}": 0.41}, {"step": 200, f"heldout/{term}": 0.38}])
+    write_jsonl(tmp_path / "selfdist" / "metrics.jsonl", [
+        {"step": 100, "loss/hidden": 1.0, f"loss/{term}": 0.33}])
+    lines = results.heldout_losses(tmp_path, [0]).splitlines()
+    assert ("| 0 | further | 0.4000 | 0.3600 (200) | 0.3900 | +0.0300 | 0.3000 -> 0.2000 | "
+            "30.00 -> 40.00 % |") in lines
+    assert "| 0 | selfdist | 0.4100 | 0.3800 (200) | 0.3800 | +0.0000 | 0.3300 -> 0.3300 | - |" in lines
 
 
 def test_the_curves_give_the_absolute_change_and_the_last_heldout_accuracies(tmp_path):
