@@ -43,7 +43,7 @@ def accuracy(run: Path, stage: str, seed: int) -> float:
 
 
 def records(run: Path, stage: str) -> list[dict]:
-    return [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run / stage / "metrics.jsonl")
 
 
 def spread(values: list[float]) -> str:
@@ -120,8 +120,8 @@ def heldout_losses(run: Path, seeds: list[int]) -> str:
     for seed in seeds:
         for stage in ("further", "selfdist"):
             logged = evaluations(run, named(stage, seed))
-            measure = next((k for k in ("heldout/mae", "heldout/mlm") if logged and k in logged[-1]),
-                           None)
+            measure = next((k for k in ("heldout/mae", "heldout/mlm")
+                            if any(k in e for e in logged)), None)
             if measure is None:
                 continue
             logged = [e for e in logged if measure in e]
